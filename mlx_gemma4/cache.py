@@ -1,0 +1,170 @@
+"""KV caches and attention masks.
+
+A sliding layer keeps only its last `sliding_window` keys (memory O(window));
+a global layer's cache grows with the context; KV-shared layers have no cache,
+they read the keys and values their source layer just produced.
+
+mlx-lm's `KVCache` / `RotatingKVCache` would fit, but importing any `mlx_lm`
+module imports transformers (and torch where installed) through its package
+`__init__`, so the two small classes live here. Their masks are built from
+absolute positions, which the vision overlay (bidirectional image blocks on
+sliding layers) extends without knowing the cache layout.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+
+from .attention import Mask
+from .config import SLIDING, TextConfig
+
+
+def _window_mask(queries: int, first_key: int, first_query: int, keys: int, window: Optional[int]) -> mx.array:
+    """Boolean [queries, keys]: causal, and within `window` when given."""
+    q = mx.arange(first_query, first_query + queries)[:, None]
+    k = mx.arange(first_key, first_key + keys)[None]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+class KVCache:
+    """Keys and values of every past token (global-attention layers)."""
+
+    step = 256  # grow in blocks so decode does not reallocate every token
+
+    def __init__(self):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        n, end = keys.shape[2], self.offset + keys.shape[2]
+        if self.keys is None or end > self.keys.shape[2]:
+            grow = ((n + self.step - 1) // self.step) * self.step
+            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
+            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            if self.keys is None:
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
+        self.keys[..., self.offset:end, :] = keys
+        self.values[..., self.offset:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def make_mask(self, queries: int) -> Mask:
+        # "causal" is aligned to the last key, so it holds with a non-empty cache too.
+        return "causal" if queries > 1 else None
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class RotatingKVCache:
+    """The last `window` keys and values (sliding-window layers).
+
+    Decoding writes into a ring buffer in place. A chunk of several tokens
+    attends over the previous `window - 1` keys plus its own, then the last
+    `window` of those are kept.
+    """
+
+    def __init__(self, window: int):
+        self.window = window
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = 0
+        self._next = 0  # ring slot of the next write once the buffer is full
+
+    @property
+    def _stored(self) -> int:
+        return min(self.offset, self.window)
+
+    def _in_order(self, x: mx.array) -> mx.array:
+        x = x[..., : self._stored, :]
+        if self._stored < self.window or self._next == 0:
+            return x
+        return mx.concatenate([x[..., self._next:, :], x[..., : self._next, :]], axis=2)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        if n == 1 and self.keys is not None:
+            slot = self._stored if self._stored < self.window else self._next
+            self.keys[..., slot:slot + 1, :] = keys
+            self.values[..., slot:slot + 1, :] = values
+            self.offset += 1
+            if self.offset > self.window:
+                self._next = (slot + 1) % self.window
+            # Every stored key is inside the new token's window: order does not matter.
+            return self.keys[..., : self._stored, :], self.values[..., : self._stored, :]
+        if self.keys is not None:
+            keep = min(self._stored, self.window - 1)
+            keys = mx.concatenate([self._in_order(self.keys)[..., self._stored - keep:, :], keys], axis=2)
+            values = mx.concatenate([self._in_order(self.values)[..., self._stored - keep:, :], values], axis=2)
+        self.offset += n
+        self.keys, self.values = self._keep_last(keys), self._keep_last(values)
+        self._next = 0
+        return keys, values
+
+    def _keep_last(self, x: mx.array) -> mx.array:
+        """The last `window` positions, in a buffer with room for `window`."""
+        x = x[..., -self.window:, :]
+        if x.shape[2] == self.window:
+            return x
+        pad = mx.zeros((*x.shape[:2], self.window - x.shape[2], x.shape[3]), x.dtype)
+        return mx.concatenate([x, pad], axis=2)
+
+    def make_mask(self, queries: int) -> Mask:
+        if queries == 1:
+            return None  # the cache holds exactly the keys inside the window
+        kept = min(self.offset, self.window - 1)
+        return _window_mask(queries, self.offset - kept, self.offset, kept + queries, self.window)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return [self._in_order(self.keys), self._in_order(self.values)]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def make_cache(config: TextConfig) -> List:
+    """One cache per layer that owns K/V (the first `first_kv_shared_layer` layers)."""
+    return [
+        RotatingKVCache(config.sliding_window) if config.is_sliding(i) else KVCache()
+        for i in range(config.first_kv_shared_layer)
+    ]
+
+
+def cache_offset(cache: Optional[List]) -> int:
+    """Number of tokens already in the cache (the position of the next token)."""
+    return cache[0].offset if cache else 0
+
+
+def attention_masks(config: TextConfig, queries: int, cache: Optional[List]) -> Dict[str, Mask]:
+    """The mask of each layer type for `queries` new tokens, built before the
+    caches are updated. A sliding layer sees itself and the `sliding_window - 1`
+    tokens before it; a global layer sees every earlier token."""
+    masks = {}
+    for kind in set(config.layer_types):
+        if cache:
+            masks[kind] = cache[config.layer_types.index(kind)].make_mask(queries)
+        elif kind == SLIDING and queries > config.sliding_window:
+            masks[kind] = _window_mask(queries, 0, 0, queries, config.sliding_window)
+        else:
+            masks[kind] = "causal" if queries > 1 else None
+    return masks

@@ -1,0 +1,142 @@
+"""The 26B-A4B mixture of experts: a router and a batched expert gather.
+
+mlx-lm has equivalent switch layers, but importing any `mlx_lm` module runs its
+package `__init__`, which imports transformers (and torch where installed):
+about 2.4 s and several hundred MB before the first token. The gather layers
+are a few lines of `mx.gather_mm` / `mx.gather_qmm`, so they live here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import TextConfig
+
+# Sorting tokens by expert makes the gathered weight reads contiguous; it pays
+# off once there are more (token, expert) pairs than a decode step has.
+_SORT_THRESHOLD = 64
+
+
+class Router(nn.Module):
+    """Picks `top_k_experts` per token and their weights, as transformers does:
+    softmax over all experts, top-k, renormalise, times a learned per-expert scale."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.top_k = config.top_k_experts
+        self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.scale = mx.ones((config.hidden_size,))
+        self.per_expert_scale = mx.ones((config.num_experts,))
+        self._input_scale = config.hidden_size**-0.5
+
+    def __call__(self, h: mx.array) -> Tuple[mx.array, mx.array]:
+        # Routing is discontinuous: in bfloat16 near-tied experts flip. The router
+        # is tiny, so it runs in float32 whatever the model dtype.
+        z = mx.fast.rms_norm(h.astype(mx.float32), self.scale.astype(mx.float32) * self._input_scale, self.eps)
+        logits = self.proj(z).astype(mx.float32)
+        # Top-k of the logits is the top-k of the softmax; renormalising the
+        # softmax over the chosen k equals a softmax over their logits.
+        experts = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        weights = mx.softmax(mx.take_along_axis(logits, experts, axis=-1), axis=-1)
+        return experts, weights * self.per_expert_scale[experts]
+
+
+class ExpertLinear(nn.Module):
+    """`num_experts` stacked linear maps; each row of `x` uses the expert its index picks."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine"):
+        """Quantize the whole stack at once, so `gather_qmm` can read it."""
+        return QuantizedExpertLinear.from_weight(self.weight, group_size, bits, mode)
+
+
+class QuantizedExpertLinear(nn.Module):
+    def __init__(self, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
+                 group_size: int, bits: int, mode: str):
+        super().__init__()
+        self.weight, self.scales = weight, scales
+        if biases is not None:
+            self.biases = biases
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.freeze()
+
+    @classmethod
+    def from_weight(cls, weight, group_size, bits, mode) -> "QuantizedExpertLinear":
+        packed = mx.quantize(weight, group_size, bits, mode=mode)
+        q, scales = packed[0], packed[1]
+        biases = packed[2] if len(packed) > 2 else None
+        # Recover the defaults mlx chose for this mode.
+        group_size = weight.shape[-1] // scales.shape[-1]
+        bits = q.shape[-1] * 32 // weight.shape[-1]
+        return cls(q, scales, biases, group_size, bits, mode)
+
+    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_qmm(
+            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
+        )
+
+
+class ExpertGLU(nn.Module):
+    """GeGLU experts evaluated only for the chosen (token, expert) pairs."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
+        self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        """`x` [..., H], `indices` [..., k] → [..., k, H]."""
+        shape = indices.shape
+        x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, H]: one row per token
+        sort = indices.size >= _SORT_THRESHOLD
+        if sort:
+            flat = indices.flatten()
+            order = mx.argsort(flat)
+            x = x.flatten(0, -3)[order // shape[-1]]
+            indices = flat[order]
+        h = nn.gelu_approx(self.gate_proj(x, indices, sort)) * self.up_proj(x, indices, sort)
+        y = self.down_proj(h, indices, sort)
+        if sort:
+            y = mx.unflatten(y[mx.argsort(order)], 0, shape)
+        return y.squeeze(-2)
+
+
+class Experts(nn.Module):
+    """All experts as stacked weights, read with one batched gather per projection;
+    the `switch_glu.{gate,up,down}_proj` names are those of MLX checkpoints
+    converted by mlx-vlm / mlx-community."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.switch_glu = ExpertGLU(config.hidden_size, config.moe_intermediate_size, config.num_experts)
+
+    @property
+    def quantized(self) -> bool:
+        return "scales" in self.switch_glu.gate_proj
+
+    def use_float32_on_cpu(self) -> None:
+        """MLX's CPU `gather_mm` accepts only float32 (`gather_qmm` accepts any
+        float type): on the CPU, unquantized expert stacks are kept in float32."""
+        if self.quantized or mx.default_device() != mx.cpu:
+            return
+        for proj in (self.switch_glu.gate_proj, self.switch_glu.up_proj, self.switch_glu.down_proj):
+            proj.weight = proj.weight.astype(mx.float32)
+
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+        dtype = x.dtype
+        if not self.quantized:
+            x = x.astype(self.switch_glu.gate_proj.weight.dtype)
+        y = self.switch_glu(x, experts)
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(dtype)

@@ -1,0 +1,131 @@
+"""The Gemma 4 text decoder: one code path for every variant."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import ple
+from .attention import Attention
+from .cache import attention_masks, cache_offset, make_cache
+from .config import TextConfig
+from .mlp import MLP
+from .moe import Experts, Router
+
+
+class DecoderLayer(nn.Module):
+    """Sandwich-normed attention and feed-forward (dense MLP, plus the experts in
+    parallel on MoE models), the PLE gate, then a learned scalar on the residual."""
+
+    def __init__(self, config: TextConfig, layer: int):
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(hidden, config.layer_intermediate_size(layer))
+        self.input_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.post_attention_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.pre_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.post_feedforward_layernorm = nn.RMSNorm(hidden, eps=eps)
+        self.layer_scalar = mx.ones((1,))
+        if config.enable_moe_block:
+            self.router = Router(config)
+            self.experts = Experts(config)
+            self.pre_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
+            self.post_feedforward_layernorm_1 = nn.RMSNorm(hidden, eps=eps)
+            self.post_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
+        self.has_ple = bool(config.hidden_size_per_layer_input)
+        if self.has_ple:
+            ple.add_layer_weights(self, config)
+
+    def __call__(self, h, mask, offset, cache=None, shared_kv=None, per_layer_input=None):
+        a, kv = self.self_attn(self.input_layernorm(h), mask, offset, cache, shared_kv)
+        h = h + self.post_attention_layernorm(a)
+
+        f = self.mlp(self.pre_feedforward_layernorm(h))
+        if "router" in self:
+            # The router reads the residual stream itself, not the normed input.
+            experts, weights = self.router(h)
+            e = self.experts(self.pre_feedforward_layernorm_2(h), experts, weights)
+            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
+        h = h + self.post_feedforward_layernorm(f)
+
+        if self.has_ple:
+            h = ple.mix_into_residual(self, h, per_layer_input)
+        return h * self.layer_scalar, kv
+
+
+class TextModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (`language_model.model`)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.hidden_size_per_layer_input:
+            ple.add_model_weights(self, config)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """Scaled token embeddings, `embed_tokens[ids] * sqrt(hidden_size)`."""
+        x = self.embed_tokens(input_ids)
+        # The scale is rounded to the embedding dtype first, as transformers does.
+        return x * mx.array(self.config.hidden_size**0.5, dtype=x.dtype)
+
+    def __call__(
+        self,
+        input_ids: mx.array,
+        cache: Optional[List] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Final hidden states `[B, T, hidden]`.
+
+        `input_embeddings` replaces the token embeddings (multimodal inputs
+        merged in); `input_ids` still selects the PLE rows, with placeholders
+        already swapped for the pad id.
+        """
+        config = self.config
+        h = self.embed(input_ids) if input_embeddings is None else input_embeddings
+        per_layer = ple.per_layer_inputs(self, config, input_ids, h) if "embed_tokens_per_layer" in self else None
+
+        offset = cache_offset(cache)
+        masks = attention_masks(config, h.shape[1], cache)
+        produced = {}
+        for i, layer in enumerate(self.layers):
+            source = config.kv_source_layer(i)
+            h, produced[i] = layer(
+                h,
+                masks[config.layer_types[i]],
+                offset,
+                cache=cache[i] if cache and source == i else None,
+                shared_kv=produced[source] if source != i else None,
+                per_layer_input=per_layer[:, :, i] if per_layer is not None else None,
+            )
+        return self.norm(h)
+
+
+class LanguageModel(nn.Module):
+    """The text model with its tied LM head and final logit soft-capping."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, input_ids, cache=None, input_embeddings=None) -> mx.array:
+        h = self.model(input_ids, cache, input_embeddings)
+        if "lm_head" in self:
+            logits = self.lm_head(h)
+        else:
+            logits = self.model.embed_tokens.as_linear(h)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = mx.tanh(logits / cap) * cap
+        return logits
+
+    def make_cache(self) -> List:
+        return make_cache(self.config)
