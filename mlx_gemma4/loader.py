@@ -1,0 +1,198 @@
+"""Load a Gemma 4 checkpoint (local folder or Hub repo id) into MLX.
+
+Reads HF safetensors (single or sharded) with the real key names, and MLX
+checkpoints converted by mlx-vlm / mlx-community (their names and their
+`quantization` config). Only safetensors and JSON are read: no pickle, no
+code from the checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelConfig
+from .model import Model
+from .processor import Processor
+
+# What a snapshot download fetches: no optimizer states, no original/ pytorch copies.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what and how to fix it."""
+
+
+def resolve(path_or_repo: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local folder as is, else a Hub repo id via huggingface_hub (its cache first)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") != 1 or path.exists()
+    if looks_local:
+        raise CheckpointError(f"{text}: no such folder; pass a checkpoint folder or a Hub repo id like org/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # huggingface_hub raises many types; report them in one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{text}: could not get this Hub repo ({type(e).__name__}: {reason}); "
+            "check the id and your network, or set HF_HUB_OFFLINE=1 to use the local cache"
+        ) from None
+
+
+def read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder}: no config.json; is this a Gemma 4 checkpoint folder?")
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def read_weights(folder: Path) -> Dict[str, mx.array]:
+    """All tensors of the checkpoint's safetensors files (lazily mapped)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard(s) listed in the index are missing: {', '.join(missing)}")
+    else:
+        files = sorted(Path(f) for f in glob.glob(str(folder / "*.safetensors")))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors weights found")
+    weights = {}
+    for file in files:
+        _check_safetensors(file)
+        try:
+            weights.update(mx.load(str(file)))
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot read safetensors ({e}); re-download or re-convert it") from None
+    return weights
+
+
+def _check_safetensors(file: Path) -> None:
+    """Reject a truncated or corrupt file before MLX maps it."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if header_len <= 0 or 8 + header_len > size:
+            raise CheckpointError(f"{file}: truncated or not a safetensors file; re-download or re-convert it")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: corrupt safetensors header; re-download or re-convert it") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise CheckpointError(
+            f"{file}: truncated ({size} bytes, the header needs {8 + header_len + end}); re-download or re-convert it"
+        )
+
+
+def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) -> None:
+    """Turn the layers the checkpoint stores quantized into quantized modules."""
+    defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
+
+    def predicate(path: str, module: nn.Module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(model, **defaults, class_predicate=predicate)
+
+
+def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
+    """Every parameter present with the right shape, nothing unknown."""
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"checkpoint is missing tensor {missing[0]}{more}")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint has tensor {unexpected[0]}{more} that this model does not use; "
+            "does config.json match the weights?"
+        )
+    for name, param in expected.items():
+        if tuple(weights[name].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor {name} has shape {tuple(weights[name].shape)} but the config implies {tuple(param.shape)}"
+            )
+
+
+def load_model(
+    folder: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False, text_only: bool = False
+) -> Model:
+    """Build the model from `folder`'s config.json and load its weights."""
+    try:
+        config = ModelConfig.from_dict(read_config(folder))
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    if text_only:
+        config.vision_config = config.audio_config = None
+    model = Model(config)
+    weights = model.sanitize(read_weights(folder))
+    if config.quantization:
+        _quantize(model, config.quantization, weights)
+    check_weights(model, weights)
+    if dtype is not None:
+        weights = {
+            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales") else v
+            for k, v in weights.items()
+        }
+    model.load_weights(list(weights.items()), strict=False)
+    for layer in model.language_model.model.layers:
+        if "experts" in layer:
+            layer.experts.use_float32_on_cpu()
+    model.eval()
+    if not lazy:
+        mx.eval(model.parameters())
+    return model
+
+
+def load(
+    path_or_repo: Union[str, Path],
+    *,
+    revision: Optional[str] = None,
+    dtype: Optional[str] = None,
+    lazy: bool = False,
+    text_only: bool = False,
+) -> Tuple[Model, Processor]:
+    """Load a Gemma 4 checkpoint and its processor.
+
+    Args:
+        path_or_repo: a local checkpoint folder or a Hugging Face Hub repo id.
+        revision: the Hub revision (branch, tag or commit).
+        dtype: cast floating-point weights to this dtype ("float32", "bfloat16",
+            "float16"); default keeps the checkpoint's.
+        lazy: leave weights memory-mapped until first use.
+        text_only: skip the vision and audio encoders.
+
+    Returns:
+        `(model, processor)`; `model(input_ids, cache)` gives logits.
+    """
+    folder = resolve(path_or_repo, revision)
+    mx_dtype = None
+    if dtype is not None:
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise CheckpointError(f"dtype '{dtype}' is not one of float32, bfloat16, float16")
+        mx_dtype = getattr(mx, dtype)
+    model = load_model(folder, dtype=mx_dtype, lazy=lazy, text_only=text_only)
+    processor = Processor.from_pretrained(folder)
+    return model, processor
