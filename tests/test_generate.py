@@ -1,0 +1,85 @@
+"""The streaming generator and its CLI, on tiny checkpoints."""
+
+import shutil
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma4.generate import generate_tokens, stream_generate
+from mlx_gemma4.loader import load
+from mlx_gemma4.sampling import make_sampler
+from test_loading import BAD_INPUTS
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "mlx_gemma4.generate", *args], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b"])
+def test_greedy_stream_matches_transformers_generate(tiny_checkpoint, hf_model, variant):
+    path = tiny_checkpoint(variant)
+    model, processor = load(path)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "tell me a story about the sea"}])
+    ids = processor.encode(prompt)
+    with torch.no_grad():
+        ref = hf_model(path).generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    # prefill in odd chunks, as a long prompt would be
+    tokens = generate_tokens(model, mx.array(ids), prefill_step_size=7)
+    assert [next(tokens) for _ in range(24)] == ref
+    chunks = list(stream_generate(model, processor, ids, max_tokens=24, stop_tokens=set()))
+    assert [c.token for c in chunks] == ref
+    assert "".join(c.text for c in chunks) == processor.decode(ref)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].generation_tokens == 24
+
+
+def test_generation_stops_at_eos_without_emitting_it(tiny_checkpoint):
+    model, processor = load(tiny_checkpoint("e2b"))
+    ids = processor.encode("the sea")
+    first = next(generate_tokens(model, mx.array(ids)))
+    chunks = list(stream_generate(model, processor, ids, max_tokens=10, stop_tokens={first}))
+    assert len(chunks) == 1 and chunks[0].finish_reason == "stop" and chunks[0].text == ""
+
+
+def test_sampler_filters():
+    logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
+    mx.random.seed(0)
+    draws = lambda sampler: {sampler(logprobs).item() for _ in range(200)}
+    assert draws(make_sampler(temp=0)) == {0}
+    assert draws(make_sampler(temp=1.0, top_k=2)) == {0, 1}
+    assert draws(make_sampler(temp=1.0, top_p=0.7)) == {0, 1}
+    assert draws(make_sampler(temp=1.0, min_p=0.2)) == {0, 1, 2}
+    assert draws(make_sampler(temp=1.0)) == {0, 1, 2, 3}
+
+
+def test_cli_streams_text_and_stats(tiny_checkpoint):
+    result = run_cli("--model", str(tiny_checkpoint("e2b")), "--prompt", "-", "--max-tokens", "8", "--temp", "0",
+                     stdin="the sea")
+    assert result.returncode == 0, result.stderr
+    assert "Generation: 8 tokens" in result.stdout and "Peak memory" in result.stdout
+
+
+@pytest.mark.parametrize("damage,message", BAD_INPUTS[:5], ids=[d.__name__ for d, _ in BAD_INPUTS[:5]])
+def test_cli_bad_checkpoint_is_one_line_error(tiny_checkpoint, tmp_path, damage, message):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("e2b"), folder)
+    damage(folder)
+    result = run_cli("--model", str(folder), "--prompt", "hi")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "nobody/not-a-cached-repo"])
+def test_cli_unresolvable_model_is_one_line_error(model, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mlx_gemma4.generate", "--model", model, "--prompt", "hi"],
+        capture_output=True, text=True, env={"PATH": "", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
