@@ -13,6 +13,9 @@ sliding layers) extends without knowing the cache layout.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
@@ -70,6 +73,16 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def checkpoint(self) -> int:
+        return self.offset
+
+    def restore(self, checkpoint: int) -> None:
+        """Forget every token after `checkpoint` (later writes overwrite them)."""
+        self.offset = checkpoint
+
+    def load_state(self, keys: mx.array, values: mx.array) -> None:
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
 
 class RotatingKVCache:
@@ -141,11 +154,35 @@ class RotatingKVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def checkpoint(self) -> tuple:
+        # Slicing makes new array objects: later in-place writes to the ring
+        # buffer leave the checkpoint as it was.
+        keys = None if self.keys is None else self.keys[...]
+        values = None if self.values is None else self.values[...]
+        return keys, values, self.offset, self._next
 
-def make_cache(config: TextConfig) -> List:
-    """One cache per layer that owns K/V (the first `first_kv_shared_layer` layers)."""
+    def restore(self, checkpoint: tuple) -> None:
+        keys, values, self.offset, self._next = checkpoint
+        self.keys = None if keys is None else keys[...]
+        self.values = None if values is None else values[...]
+
+    def load_state(self, keys: mx.array, values: mx.array, offset: int) -> None:
+        """Keys and values in temporal order (as `state` gives them)."""
+        self.offset, self._next = offset, 0
+        self.keys, self.values = self._keep_last(keys), self._keep_last(values)
+
+
+def make_cache(config: TextConfig, max_kv_size: Optional[int] = None) -> List:
+    """One cache per layer that owns K/V (the first `first_kv_shared_layer` layers).
+
+    `max_kv_size` bounds the global layers too: they then keep only the last
+    `max_kv_size` tokens (less memory, and the model forgets older context).
+    """
+    def global_cache():
+        return KVCache() if max_kv_size is None else RotatingKVCache(max_kv_size)
+
     return [
-        RotatingKVCache(config.sliding_window) if config.is_sliding(i) else KVCache()
+        RotatingKVCache(config.sliding_window) if config.is_sliding(i) else global_cache()
         for i in range(config.first_kv_shared_layer)
     ]
 
@@ -155,10 +192,17 @@ def cache_offset(cache: Optional[List]) -> int:
     return cache[0].offset if cache else 0
 
 
-def attention_masks(config: TextConfig, queries: int, cache: Optional[List]) -> Dict[str, Mask]:
+def attention_masks(
+    config: TextConfig, queries: int, cache: Optional[List], vision_blocks: Optional[mx.array] = None
+) -> Dict[str, Mask]:
     """The mask of each layer type for `queries` new tokens, built before the
     caches are updated. A sliding layer sees itself and the `sliding_window - 1`
-    tokens before it; a global layer sees every earlier token."""
+    tokens before it; a global layer sees every earlier token.
+
+    `vision_blocks` ([batch, queries], see `vision_block_ids`) makes each image
+    block bidirectional on sliding layers: a token also sees the later tokens
+    of its own block. Global layers stay causal, as Gemma 4 was trained.
+    """
     masks = {}
     for kind in set(config.layer_types):
         if cache:
@@ -167,4 +211,66 @@ def attention_masks(config: TextConfig, queries: int, cache: Optional[List]) -> 
             masks[kind] = _window_mask(queries, 0, 0, queries, config.sliding_window)
         else:
             masks[kind] = "causal" if queries > 1 else None
+        if kind == SLIDING and vision_blocks is not None and queries > 1:
+            masks[kind] = _with_vision_blocks(masks[kind], vision_blocks)
     return masks
+
+
+def vision_block_ids(token_types: mx.array) -> mx.array:
+    """Per token, the index of the image/video block it belongs to (each maximal
+    run of image (1) or video (2) tokens in `token_types` is one block), else -1."""
+    is_vision = (token_types == 1) | (token_types == 2)
+    previous = mx.concatenate([mx.zeros_like(is_vision[:, :1]), is_vision[:, :-1]], axis=1)
+    starts = is_vision & ~previous
+    return mx.where(is_vision, mx.cumsum(starts.astype(mx.int32), axis=1) - 1, -1)
+
+
+def _with_vision_blocks(mask: Mask, blocks: mx.array) -> mx.array:
+    """`mask` (causal and windowed; the new tokens are its last columns) plus,
+    for every query, the later new tokens of its own vision block. Earlier keys
+    of a block need nothing: the causal part already holds them, window limits included."""
+    queries = blocks.shape[1]
+    if isinstance(mask, str):
+        mask = _window_mask(queries, 0, 0, queries, None)
+    same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+    later = mx.arange(queries)[None] > mx.arange(queries)[:, None]
+    overlay = same & later
+    past = mask.shape[-1] - queries
+    if past:
+        overlay = mx.concatenate([mx.zeros((*overlay.shape[:2], past), dtype=mx.bool_), overlay], axis=-1)
+    return (mask | overlay)[:, None]
+
+
+def save_prompt_cache(path: str, cache: List, tokens: List[int]) -> None:
+    """Write caches and the token ids they hold to a safetensors file
+    (written to a temporary name, then renamed)."""
+    arrays, layout = {}, []
+    for i, c in enumerate(cache):
+        state = c.state
+        if state:
+            arrays[f"{i}.keys"], arrays[f"{i}.values"] = state
+        window = c.window if isinstance(c, RotatingKVCache) else None
+        layout.append({"window": window, "offset": c.offset})
+    metadata = {"layout": json.dumps(layout), "tokens": json.dumps(list(tokens))}
+    tmp = Path(str(path) + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_prompt_cache(path: str) -> Tuple[List, List[int]]:
+    """Caches and token ids saved by `save_prompt_cache`."""
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        layout, tokens = json.loads(metadata["layout"]), json.loads(metadata["tokens"])
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not a prompt cache saved by mlx_gemma4 ({e})") from None
+    cache = []
+    for i, entry in enumerate(layout):
+        c = KVCache() if entry["window"] is None else RotatingKVCache(entry["window"])
+        if f"{i}.keys" in arrays:
+            if entry["window"] is None:
+                c.load_state(arrays[f"{i}.keys"], arrays[f"{i}.values"])
+            else:
+                c.load_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], entry["offset"])
+        cache.append(c)
+    return cache, tokens

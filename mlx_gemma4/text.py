@@ -79,19 +79,21 @@ class TextModel(nn.Module):
         input_ids: mx.array,
         cache: Optional[List] = None,
         input_embeddings: Optional[mx.array] = None,
+        vision_blocks: Optional[mx.array] = None,
     ) -> mx.array:
         """Final hidden states `[B, T, hidden]`.
 
         `input_embeddings` replaces the token embeddings (multimodal inputs
         merged in); `input_ids` still selects the PLE rows, with placeholders
-        already swapped for the pad id.
+        already swapped for the pad id. `vision_blocks` (`[B, T]`, -1 for text)
+        makes each image block bidirectional on sliding layers.
         """
         config = self.config
         h = self.embed(input_ids) if input_embeddings is None else input_embeddings
         per_layer = ple.per_layer_inputs(self, config, input_ids, h) if "embed_tokens_per_layer" in self else None
 
         offset = cache_offset(cache)
-        masks = attention_masks(config, h.shape[1], cache)
+        masks = attention_masks(config, h.shape[1], cache, vision_blocks)
         produced = {}
         for i, layer in enumerate(self.layers):
             source = config.kv_source_layer(i)
@@ -116,8 +118,8 @@ class LanguageModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, input_ids, cache=None, input_embeddings=None) -> mx.array:
-        h = self.model(input_ids, cache, input_embeddings)
+    def __call__(self, input_ids, cache=None, input_embeddings=None, vision_blocks=None) -> mx.array:
+        h = self.model(input_ids, cache, input_embeddings, vision_blocks)
         if "lm_head" in self:
             logits = self.lm_head(h)
         else:
@@ -127,5 +129,5 @@ class LanguageModel(nn.Module):
             logits = mx.tanh(logits / cap) * cap
         return logits
 
-    def make_cache(self) -> List:
-        return make_cache(self.config)
+    def make_cache(self, max_kv_size: Optional[int] = None) -> List:
+        return make_cache(self.config, max_kv_size)

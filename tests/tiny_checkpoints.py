@@ -249,6 +249,29 @@ def vision_config(variant: str) -> dict[str, Any]:
     }
 
 
+def processor_config(variant: str) -> dict[str, Any]:
+    """``processor_config.json``: the real E2B/E4B image and video processor settings with this tiny tower's
+    patch and pooling sizes, at the smallest budget (70 soft tokens)."""
+    vision = vision_config(variant)
+    common = {
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.0, 0.0, 0.0],
+        "image_std": [1.0, 1.0, 1.0],
+        "resample": 3,
+        "patch_size": vision["patch_size"],
+        "max_soft_tokens": 70,
+        "pooling_kernel_size": vision["pooling_kernel_size"],
+    }
+    return {
+        "image_seq_length": 70,
+        "image_processor": {"image_processor_type": "Gemma4ImageProcessor", "do_convert_rgb": True,
+                            "do_resize": True, "do_normalize": False, **common},
+        "video_processor": {"video_processor_type": "Gemma4VideoProcessor", "do_normalize": True,
+                            "num_frames": 32, "do_sample_frames": True, **common},
+    }
+
+
 def audio_config() -> dict[str, Any]:
     """Tiny ``Gemma4AudioConfig`` kwargs (E2B/E4B only).
 
@@ -411,6 +434,8 @@ def build_checkpoint(
     model.save_pretrained(out_dir, **save_kwargs)
     _write_released_config_form(out_dir / "config.json", variant, sliding_window)
     build_tokenizer(out_dir)
+    if with_towers:
+        (out_dir / "processor_config.json").write_text(json.dumps(processor_config(variant), indent=2) + "\n")
     generation_config = {
         "bos_token_id": token_id(BASE_SPECIAL_TOKENS["bos_token"]),
         "do_sample": True,
