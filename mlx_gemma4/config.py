@@ -74,6 +74,7 @@ class TextConfig:
     attention_bias: bool = False
     tie_word_embeddings: bool = True
     use_bidirectional_attention: Optional[str] = None
+    max_position_embeddings: Optional[int] = None
     pad_token_id: int = 0
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None
@@ -198,6 +199,8 @@ class ModelConfig:
     boa_token_id: Optional[int] = None
     eoa_token_id: Optional[int] = None
     quantization: Optional[dict] = None
+    # generation_config.json: sampling defaults and extra stop ids.
+    generation: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, config: dict) -> "ModelConfig":

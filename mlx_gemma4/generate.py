@@ -1,4 +1,4 @@
-"""Streaming text generation: the Python API and `python -m mlx_gemma4.generate`.
+"""Streaming generation: the Python API and `python -m mlx_gemma4.generate`.
 
 mlx-lm's `generate_step` and streaming detokenizers are not used: importing
 any `mlx_lm` module loads transformers (and torch where installed), and its
@@ -9,36 +9,35 @@ SentencePiece spacing incrementally.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 from tokenizers.decoders import DecodeStream
 
-from .loader import CheckpointError, load, resolve
-from .sampling import make_logits_processors, make_sampler
+from .response import ANSWER, ChannelParser, GenerationResult, starts_inside_thought
+from .tools import tool_schemas
 
-DEFAULT_MODEL = "mlx-community/gemma-4-e2b-it-4bit"
+Prompt = Union[str, List[int], List[dict]]
 
 
 @dataclass
 class Response:
-    """One streamed step: the new `text` (may be empty while a character is
-    incomplete), its `token`, and running statistics."""
+    """One streamed piece: new `text` on a `channel` ("thinking", "answer" or
+    "tool_call"; empty text while a character or tag is incomplete), the
+    `token` that produced it, and running statistics."""
 
     text: str
     token: int
+    channel: str
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
     peak_memory_gb: float
     finish_reason: Optional[str] = None
+    logprobs: Optional[mx.array] = None
 
 
 def generate_tokens(
@@ -49,42 +48,66 @@ def generate_tokens(
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Sequence[Callable] = (),
     prefill_step_size: int = 512,
-) -> Iterator[int]:
-    """Yield sampled token ids forever, prefilling `prompt` (1-D ids) in chunks.
+    multimodal_inputs: Optional[Dict[str, mx.array]] = None,
+) -> Iterator[tuple]:
+    """Yield `(token_id, logprobs)` forever after prefilling `prompt` (1-D ids).
 
-    The next token is computed while the caller handles the current one.
+    Text prompts prefill in chunks of `prefill_step_size` through the cache.
+    A prompt with images or audio prefills in one call, so every image block
+    is seen whole by its bidirectional attention. The next token is computed
+    while the caller handles the current one.
     """
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     history = prompt
 
-    def step(tokens: mx.array) -> mx.array:
-        nonlocal history
-        logits = model(tokens[None], cache)[:, -1, :]
+    def step(tokens: mx.array, extra: dict) -> tuple:
+        logits = model(tokens[None], cache, **extra)[:, -1, :].astype(mx.float32)
         for processor in logits_processors:
             logits = processor(history, logits)
-        token = sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
-        return token
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
 
-    while prompt.size > prefill_step_size:
-        model(prompt[None, :prefill_step_size], cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[prefill_step_size:]
-    token = step(prompt)
-    mx.async_eval(token)
+    if not multimodal_inputs:
+        while prompt.size > prefill_step_size:
+            model(prompt[None, :prefill_step_size], cache)
+            mx.eval([c.state for c in cache])
+            prompt = prompt[prefill_step_size:]
+    token, logprobs = step(prompt, multimodal_inputs or {})
+    mx.async_eval(token, logprobs)
     while True:
         if logits_processors:
             history = mx.concatenate([history, token])
-        next_token = step(token)
-        mx.async_eval(next_token)
-        yield token.item()
-        token = next_token
+        next_token, next_logprobs = step(token, {})
+        mx.async_eval(next_token, next_logprobs)
+        yield token.item(), logprobs[0]
+        token, logprobs = next_token, next_logprobs
+
+
+def prepare_prompt(processor, prompt: Prompt, *, tools=None, enable_thinking: bool = False,
+                   images=None, audio=None, videos=None) -> tuple:
+    """Token ids, multimodal arrays and prompt text for a string (already
+    templated), token ids, or chat messages (rendered with the checkpoint's template)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        prompt = processor.apply_chat_template(
+            prompt, tools=tool_schemas(tools) if tools else None, enable_thinking=enable_thinking
+        )
+    if isinstance(prompt, str):
+        if images or audio or videos:
+            inputs = processor(prompt, images=images, audio=audio, videos=videos)
+            ids = inputs.pop("input_ids")[0].tolist()
+            inputs.pop("attention_mask", None)
+            return ids, inputs, prompt
+        return processor.encode(prompt), {}, prompt
+    if images or audio or videos:
+        raise ValueError("images, audio and videos need a text prompt with their placeholders, not token ids")
+    return list(prompt), {}, processor.decode(list(prompt))
 
 
 def stream_generate(
     model,
     processor,
-    prompt: Union[str, List[int]],
+    prompt: Prompt,
     *,
     max_tokens: int = 256,
     sampler: Optional[Callable] = None,
@@ -92,27 +115,44 @@ def stream_generate(
     stop_tokens: Optional[set] = None,
     cache: Optional[list] = None,
     prefill_step_size: int = 512,
+    tools=None,
+    enable_thinking: bool = False,
+    images=None,
+    audio=None,
+    videos=None,
+    return_logprobs: bool = False,
 ) -> Iterator[Response]:
-    """Stream the continuation of `prompt` (already templated text, or token ids).
+    """Stream the continuation of `prompt`.
 
-    Stops after `max_tokens` or at any stop token (default: the model's EOS ids
-    plus the processor's); the stop token itself is not emitted as text.
+    `prompt` is templated text, token ids, or a list of chat messages (then
+    `tools` — JSON schemas or typed, documented Python functions — and
+    `enable_thinking` go to the chat template). Text arrives on the channel it
+    belongs to: thinking, answer or tool_call, tags removed. Stops after
+    `max_tokens` or at a stop token (default: every EOS id of config.json,
+    generation_config.json and the tokenizer), which is not emitted.
     """
-    ids = processor.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids, multimodal, prompt_text = prepare_prompt(processor, prompt, tools=tools, enable_thinking=enable_thinking,
+                                                  images=images, audio=audio, videos=videos)
     if not ids:
         raise ValueError("the prompt is empty; give some text to continue")
+    limit = model.config.text_config.max_position_embeddings
+    held = cache[0].offset if cache else 0
+    if limit and held + len(ids) + max_tokens > limit:
+        raise ValueError(f"context ({held} cached + {len(ids)} prompt tokens) plus max_tokens ({max_tokens}) "
+                         f"exceeds the model's {limit} positions; shorten the prompt or lower max_tokens")
     stops = set(stop_tokens) if stop_tokens is not None else stop_token_ids(model, processor)
     decoder = DecodeStream(skip_special_tokens=False)
+    parser = ChannelParser(inside_thought=starts_inside_thought(prompt_text))
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_tps = 0.0
     tokens = generate_tokens(model, mx.array(ids, dtype=mx.int32), cache=cache, sampler=sampler,
-                             logits_processors=logits_processors, prefill_step_size=prefill_step_size)
+                             logits_processors=logits_processors, prefill_step_size=prefill_step_size,
+                             multimodal_inputs=multimodal)
     generated, emitted = [], 0
-    for n, token in zip(range(1, max_tokens + 1), tokens):
+    for n, (token, logprobs) in zip(range(1, max_tokens + 1), tokens):
         if n == 1:
-            prompt_time = time.perf_counter() - start
-            prompt_tps = len(ids) / prompt_time
+            prompt_tps = len(ids) / (time.perf_counter() - start)
             start = time.perf_counter()
         finish = "stop" if token in stops else "length" if n == max_tokens else None
         text = ""
@@ -123,12 +163,16 @@ def stream_generate(
             # Flush bytes the stream still holds (an incomplete character at the end).
             text += processor.decode(generated)[emitted + len(text):]
         emitted += len(text)
+        pieces = parser.feed(text, final=finish is not None) or [(parser.channel, "")]
         elapsed = time.perf_counter() - start
-        yield Response(
-            text=text, token=token, prompt_tokens=len(ids), prompt_tps=prompt_tps,
-            generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9, finish_reason=finish,
-        )
+        for i, (channel, piece) in enumerate(pieces):
+            yield Response(
+                text=piece, token=token, channel=channel, prompt_tokens=len(ids), prompt_tps=prompt_tps,
+                generation_tokens=n, generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+                peak_memory_gb=mx.get_peak_memory() / 1e9,
+                finish_reason=finish if i == len(pieces) - 1 else None,
+                logprobs=logprobs if return_logprobs else None,
+            )
         if finish:
             return
 
@@ -138,79 +182,20 @@ def stop_token_ids(model, processor) -> set:
     return set(model.config.eos_token_ids) | set(processor.eos_token_ids)
 
 
-def generate(model, processor, prompt: Union[str, List[int]], **kwargs) -> str:
-    """The whole continuation of `prompt` as one string (see `stream_generate`)."""
-    return "".join(r.text for r in stream_generate(model, processor, prompt, **kwargs))
+def generate_result(model, processor, prompt: Prompt, **kwargs) -> GenerationResult:
+    """The whole response, split into thinking, answer and parsed tool calls."""
+    return GenerationResult.collect(stream_generate(model, processor, prompt, **kwargs))
 
 
-def _generation_defaults(folder: Path) -> dict:
-    file = folder / "generation_config.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.generate", description="Generate text with Gemma 4 on MLX.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--prompt", default="Hello!", help="the user message; '-' reads it from stdin")
-    p.add_argument("--system", default=None, help="a system prompt")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temp", type=float, default=None, help="sampling temperature (default: generation_config)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast float weights (default: as stored)")
-    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True,
-                   help="print generation statistics at the end")
-    return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_tokens <= 0:
-        print("error: --max-tokens must be positive", file=sys.stderr)
-        return 2
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    try:
-        folder = resolve(args.model, args.revision)
-        model, processor = load(folder, dtype=args.dtype)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    defaults = _generation_defaults(folder)
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    temp = args.temp if args.temp is not None else defaults.get("temperature", 1.0)
-    if not defaults.get("do_sample", True) and args.temp is None:
-        temp = 0.0
-    sampler = make_sampler(
-        temp=temp,
-        top_p=args.top_p if args.top_p is not None else defaults.get("top_p", 1.0),
-        top_k=args.top_k if args.top_k is not None else defaults.get("top_k", 0),
-        min_p=args.min_p,
-    )
-    processors = make_logits_processors(repetition_penalty=args.repetition_penalty)
-    eos = defaults.get("eos_token_id", [])
-    stops = stop_token_ids(model, processor) | set([eos] if isinstance(eos, int) else eos)
-    if not args.ignore_chat_template:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        prompt = processor.apply_chat_template(messages + [{"role": "user", "content": prompt}])
-    last = None
-    for last in stream_generate(model, processor, prompt, max_tokens=args.max_tokens, sampler=sampler,
-                                logits_processors=processors, stop_tokens=stops):
-        print(last.text, end="", flush=True)
-    print()
-    if args.verbose and last is not None:
-        print("=" * 10)
-        print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
-        print(f"Peak memory: {last.peak_memory_gb:.3f} GB")
-    return 0
+def generate(model, processor, prompt: Prompt, **kwargs) -> str:
+    """The answer to `prompt` as one string (thinking and tool calls left out;
+    see `generate_result` for them). Arguments as for `stream_generate`."""
+    return "".join(r.text for r in stream_generate(model, processor, prompt, **kwargs) if r.channel == ANSWER)
 
 
 if __name__ == "__main__":
+    import sys
+
+    from .cli import main
+
     sys.exit(main())

@@ -83,6 +83,16 @@ def read_weights(folder: Path) -> Dict[str, mx.array]:
     return weights
 
 
+def _read_generation_config(folder: Path) -> dict:
+    file = folder / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
 def _check_safetensors(file: Path) -> None:
     """Reject a truncated or corrupt file before MLX maps it."""
     size = file.stat().st_size
@@ -144,6 +154,11 @@ def load_model(
         config = ModelConfig.from_dict(read_config(folder))
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+    config.generation = _read_generation_config(folder)
+    extra_eos = config.generation.get("eos_token_id", [])
+    for token in [extra_eos] if isinstance(extra_eos, int) else extra_eos:
+        if token not in config.eos_token_ids:
+            config.eos_token_ids.append(token)
     if text_only:
         config.vision_config = config.audio_config = None
     model = Model(config)
@@ -194,5 +209,8 @@ def load(
             raise CheckpointError(f"dtype '{dtype}' is not one of float32, bfloat16, float16")
         mx_dtype = getattr(mx, dtype)
     model = load_model(folder, dtype=mx_dtype, lazy=lazy, text_only=text_only)
-    processor = Processor.from_pretrained(folder)
+    try:
+        processor = Processor.from_pretrained(folder, eos_token_ids=model.config.eos_token_ids)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{folder}: cannot build the tokenizer ({e})") from None
     return model, processor

@@ -11,6 +11,7 @@ import torch
 
 from mlx_gemma4.generate import generate_tokens, stream_generate
 from mlx_gemma4.loader import load
+from mlx_gemma4.response import ChannelParser
 from mlx_gemma4.sampling import make_sampler
 from test_loading import BAD_INPUTS
 
@@ -31,17 +32,23 @@ def test_greedy_stream_matches_transformers_generate(tiny_checkpoint, hf_model, 
                                       eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
     # prefill in odd chunks, as a long prompt would be
     tokens = generate_tokens(model, mx.array(ids), prefill_step_size=7)
-    assert [next(tokens) for _ in range(24)] == ref
+    assert [next(tokens)[0] for _ in range(24)] == ref
     chunks = list(stream_generate(model, processor, ids, max_tokens=24, stop_tokens=set()))
-    assert [c.token for c in chunks] == ref
-    assert "".join(c.text for c in chunks) == processor.decode(ref)
+    assert sorted({c.generation_tokens for c in chunks}) == list(range(1, 25))
+    assert [c.token for c in {c.generation_tokens: c for c in chunks}.values()] == ref
     assert chunks[-1].finish_reason == "length" and chunks[-1].generation_tokens == 24
+    # Streaming token by token splits the text exactly as parsing the whole decode at once.
+    whole = ChannelParser().feed(processor.decode(ref), final=True)
+    joined = {}
+    for c in chunks:
+        joined[c.channel] = joined.get(c.channel, "") + c.text
+    assert {k: v for k, v in joined.items() if v} == {k: "".join(t for ch, t in whole if ch == k) for k, _ in whole}
 
 
 def test_generation_stops_at_eos_without_emitting_it(tiny_checkpoint):
     model, processor = load(tiny_checkpoint("e2b"))
     ids = processor.encode("the sea")
-    first = next(generate_tokens(model, mx.array(ids)))
+    first, _ = next(generate_tokens(model, mx.array(ids)))
     chunks = list(stream_generate(model, processor, ids, max_tokens=10, stop_tokens={first}))
     assert len(chunks) == 1 and chunks[0].finish_reason == "stop" and chunks[0].text == ""
 
@@ -83,3 +90,41 @@ def test_cli_unresolvable_model_is_one_line_error(model, tmp_path):
     )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--max-tokens", "0"], "--max-tokens must be positive"),
+    (["--image", "/no/such.png"], "/no/such.png: no such file"),
+    (["--tools", "/no/tools.json"], "--tools /no/tools.json: cannot read"),
+])
+def test_cli_bad_flag_values_are_one_line_errors(tiny_checkpoint, flags, message):
+    result = run_cli("--model", str(tiny_checkpoint("e2b")), *flags)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_thinking_and_tools(tiny_checkpoint, tmp_path):
+    tools = tmp_path / "tools.json"
+    tools.write_text('[{"type": "function", "function": {"name": "add", "description": "add", "parameters": '
+                     '{"type": "object", "properties": {"a": {"type": "number"}}, "required": ["a"]}}}]')
+    result = run_cli("--model", str(tiny_checkpoint("e2b")), "--prompt", "hi", "--max-tokens", "4", "--temp", "0",
+                     "--thinking", "--no-show-thinking", "--tools", str(tools), "--max-kv-size", "64")
+    assert result.returncode == 0, result.stderr
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(tiny_checkpoint):
+    model, processor = load(tiny_checkpoint("e2b"))
+    limit = model.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        next(stream_generate(model, processor, "hello", max_tokens=limit))
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny_checkpoint):
+    model, processor = load(tiny_checkpoint("e2b"))
+    runs = []
+    for _ in range(2):
+        mx.random.seed(7)
+        sampler = make_sampler(temp=1.0, top_p=0.95, top_k=64)
+        runs.append([r.token for r in stream_generate(model, processor, "the sea", max_tokens=12, sampler=sampler)])
+    assert runs[0] == runs[1]

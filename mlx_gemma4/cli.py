@@ -1,0 +1,162 @@
+"""`python -m mlx_gemma4.generate`: one prompt in, a streamed answer out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+
+from .generate import stream_generate, stop_token_ids
+from .loader import CheckpointError, load
+from .response import THINKING, TOOL_CALL
+from .sampling import make_logits_processors, make_sampler
+
+DEFAULT_MODEL = "mlx-community/gemma-4-e2b-it-4bit"
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by the generate and chat commands."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast float weights (default: as stored)")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temp", type=float, default=None, help="sampling temperature (default: generation_config)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-kv-size", type=int, default=None,
+                   help="bound the global layers' cache too (older tokens are forgotten)")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
+                   help="let the model think before answering")
+    p.add_argument("--show-thinking", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the thinking (dimmed) as it streams")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--tools", type=Path, default=None, help="a JSON file with a list of tool schemas")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mlx_gemma4.generate", description="Generate text with Gemma 4 on MLX.")
+    add_model_arguments(p)
+    p.add_argument("--prompt", default="Hello!", help="the user message; '-' reads it from stdin")
+    p.add_argument("--image", nargs="+", default=None, help="image paths or URLs")
+    p.add_argument("--audio", nargs="+", default=None, help="audio file paths")
+    p.add_argument("--video", default=None, help="a video file path")
+    p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True,
+                   help="print generation statistics at the end")
+    return p
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Reject values argparse cannot (one line each)."""
+    if args.max_tokens <= 0:
+        raise ValueError("--max-tokens must be positive")
+    if args.temp is not None and args.temp < 0:
+        raise ValueError("--temp must be >= 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 0:
+        raise ValueError("--top-k must be >= 0")
+    if not 0 <= args.min_p < 1:
+        raise ValueError("--min-p must be in [0, 1)")
+    if args.max_kv_size is not None and args.max_kv_size <= 0:
+        raise ValueError("--max-kv-size must be positive")
+    media = (getattr(args, "image", None) or []) + (getattr(args, "audio", None) or [])
+    for media in media + ([args.video] if getattr(args, "video", None) else []):
+        if "://" not in media and not Path(media).is_file():
+            raise ValueError(f"{media}: no such file")
+
+
+def read_tools(path: Optional[Path]) -> Optional[list]:
+    if path is None:
+        return None
+    try:
+        tools = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--tools {path}: cannot read a JSON list of tool schemas ({e})") from None
+    if not isinstance(tools, list):
+        raise ValueError(f"--tools {path}: expected a JSON list of tool schemas")
+    return tools
+
+
+def sampling_setup(args: argparse.Namespace, model) -> tuple:
+    """Sampler and logits processors from the flags, defaulting to generation_config.json."""
+    defaults = model.config.generation
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    temp = args.temp if args.temp is not None else defaults.get("temperature", 1.0)
+    if args.temp is None and not defaults.get("do_sample", True):
+        temp = 0.0
+    sampler = make_sampler(
+        temp=temp,
+        top_p=args.top_p if args.top_p is not None else defaults.get("top_p", 1.0),
+        top_k=args.top_k if args.top_k is not None else defaults.get("top_k", 0),
+        min_p=args.min_p,
+    )
+    return sampler, make_logits_processors(repetition_penalty=args.repetition_penalty)
+
+
+def print_piece(response, show_thinking: bool, color: bool) -> None:
+    if response.channel == THINKING:
+        if show_thinking and response.text:
+            print(f"{DIM}{response.text}{RESET}" if color else response.text, end="", flush=True)
+        return
+    if response.channel == TOOL_CALL and response.text:
+        print(f"{DIM}{response.text}{RESET}" if color else response.text, end="", flush=True)
+        return
+    print(response.text, end="", flush=True)
+
+
+def print_stats(last) -> None:
+    print("=" * 10)
+    print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
+    print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+    print(f"Peak memory: {last.peak_memory_gb:.3f} GB")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_arguments(args)
+        tools = read_tools(args.tools)
+        model, processor = load(args.model, revision=args.revision, dtype=args.dtype)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.ignore_chat_template:
+        prompt = text
+    else:
+        content = ([{"type": "image"} for _ in args.image or []] + ([{"type": "video"}] if args.video else [])
+                   + [{"type": "audio"} for _ in args.audio or []] + [{"type": "text", "text": text}])
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": content}]
+    sampler, processors = sampling_setup(args, model)
+    color = sys.stdout.isatty()
+    last, status = None, 0
+    try:
+        for last in stream_generate(
+            model, processor, prompt, max_tokens=args.max_tokens, sampler=sampler, logits_processors=processors,
+            stop_tokens=stop_token_ids(model, processor), cache=model.make_cache(max_kv_size=args.max_kv_size),
+            tools=tools, enable_thinking=args.thinking, images=args.image, audio=args.audio,
+            videos=[args.video] if args.video else None,
+        ):
+            print_piece(last, args.show_thinking, color)
+    except KeyboardInterrupt:
+        print("\n[interrupted]")
+        status = 130
+    except ValueError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 2
+    print()
+    if args.verbose and last is not None:
+        print_stats(last)
+    return status
