@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 import mlx.core as mx
@@ -43,26 +44,51 @@ class ChatSession:
     """
 
     def __init__(self, model, processor, *, system: Optional[str] = None, tools=None,
-                 enable_thinking: bool = False, max_kv_size: Optional[int] = None):
+                 enable_thinking: bool = False, max_kv_size: Optional[int] = None, image_token_budget=None):
         self.model, self.processor = model, processor
         self.tools = tool_schemas(tools) if tools else None
         self.enable_thinking, self.max_kv_size = enable_thinking, max_kv_size
         self.system = system
+        self.media_options = {"image_token_budget": image_token_budget} if image_token_budget else {}
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.messages: List[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list = []  # every image and audio clip of the conversation, in order
+        self.audio: list = []
         self.cache = self.model.make_cache(self.max_kv_size)
         self.tokens: List[int] = []  # what the cache holds
         self._checkpoint = None  # (position, per-cache checkpoints)
         self.prefilled_tokens = 0
         self.last_result: Optional[GenerationResult] = None
 
-    def _render(self, messages: List[dict], generation_prompt: bool) -> List[int]:
+    def _render(self, messages: List[dict], generation_prompt: bool) -> tuple:
+        """Token ids of the conversation and the processor's media arrays."""
         text = self.processor.apply_chat_template(messages, tools=self.tools, enable_thinking=self.enable_thinking,
                                                   add_generation_prompt=generation_prompt)
-        return self.processor.encode(text)
+        if not (self.images or self.audio):
+            return self.processor.encode(text), {}
+        inputs = self.processor(text, images=self.images or None, audio=self.audio or None, **self.media_options)
+        inputs.pop("attention_mask", None)
+        return inputs.pop("input_ids")[0].tolist(), inputs
+
+    def _media_between(self, ids: List[int], media: dict, start: int, end: int) -> dict:
+        """The media arrays of the image / audio blocks that begin in `ids[start:end]`."""
+        config, selected = self.model.config, {}
+
+        def blocks_before(position: int, token: int) -> int:
+            return sum(1 for i in range(position) if ids[i] == token and (i == 0 or ids[i - 1] != token))
+
+        for token, keys in ((config.image_token_id, ("pixel_values", "image_position_ids")),
+                            (config.audio_token_id, ("input_features", "input_features_mask"))):
+            if keys[0] in media:
+                first, last = blocks_before(start, token), blocks_before(end, token)
+                if last > first:
+                    selected.update({k: media[k][first:last] for k in keys})
+        if "mm_token_type_ids" in media:
+            selected["mm_token_type_ids"] = media["mm_token_type_ids"][:, start:end]
+        return selected
 
     def _rewind_to(self, ids: List[int]) -> int:
         """Make the cache hold a prefix of `ids`; return that prefix's length."""
@@ -81,31 +107,43 @@ class ChatSession:
         self.tokens = self.tokens[:position]
         return position
 
-    def _feed(self, ids: List[int]) -> None:
-        for start in range(0, len(ids), 512):
-            self.model(mx.array([ids[start:start + 512]]), self.cache)
+    def _feed(self, ids: List[int], media: dict) -> None:
+        """Feed `ids` after what the cache holds; a range with images or audio goes
+        in one call, so each image block is seen whole."""
+        start, end = len(self.tokens), len(ids)
+        extra = self._media_between(ids, media, start, end)
+        step = end - start if extra else 512
+        for a in range(start, end, step):
+            self.model(mx.array([ids[a:a + step]]), self.cache, **extra)
             mx.eval([c.state for c in self.cache])
-        self.tokens += ids
+        self.tokens = list(ids)
 
-    def send(self, content=None, *, tool_responses: Optional[List[dict]] = None,
-             **generation_kwargs) -> Iterator[Response]:
-        """Stream the reply to a user message `content` (text or a list of parts),
-        or to `tool_responses` (`[{"name": ..., "response": ...}]`) answering the
-        tool calls of the previous reply. Keyword arguments go to `stream_generate`."""
+    def send(self, content=None, *, images: Optional[list] = None, audio: Optional[list] = None,
+             tool_responses: Optional[List[dict]] = None, **generation_kwargs) -> Iterator[Response]:
+        """Stream the reply to a user message `content` (text or a list of parts)
+        with optional `images` / `audio` placed before the text, or to
+        `tool_responses` (`[{"name": ..., "response": ...}]`) answering the tool
+        calls of the previous reply. Keyword arguments go to `stream_generate`.
+        Images already in the conversation are not encoded again."""
         continuing = bool(tool_responses)
         if continuing:
             if not self.messages or not self.messages[-1].get("tool_calls"):
                 raise ValueError("tool_responses answer tool calls, but the last reply made none")
             # The model continues the turn that made the calls.
             self.messages[-1]["tool_responses"] = tool_responses
+        if images or audio:
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+            content = [{"type": "image"} for _ in images or []] + [{"type": "audio"} for _ in audio or []] + parts
+            self.images += list(images or [])
+            self.audio += list(audio or [])
         if content is not None:
             self.messages.append({"role": "user", "content": content})
-        history = self._render(self.messages, generation_prompt=False)
-        ids = self._render(self.messages, generation_prompt=True)
+        history, _ = self._render(self.messages, generation_prompt=False)
+        ids, media = self._render(self.messages, generation_prompt=True)
         start = self._rewind_to(ids)
         self.prefilled_tokens = len(ids) - start
         if start < len(history):
-            self._feed(ids[start:len(history)])
+            self._feed(ids[:len(history)], media)
             start = len(history)
         self._checkpoint = (len(self.tokens), [c.checkpoint() for c in self.cache])
         prompt, responses, finished = ids[start:], [], False
@@ -119,6 +157,8 @@ class ChatSession:
                 self._restore_checkpoint()
                 if content is not None:
                     self.messages.pop()
+                    del self.images[len(self.images) - len(images or []):]
+                    del self.audio[len(self.audio) - len(audio or []):]
                 if continuing:
                     del self.messages[-1]["tool_responses"]
         self.tokens += prompt + _stream_tokens(responses)
@@ -152,7 +192,8 @@ def _stream_tokens(responses: List[Response]) -> List[int]:
     return tokens
 
 
-HELP = """Commands: /reset  /system TEXT  /save FILE  /load FILE  /help  /quit   (Ctrl-D quits)"""
+HELP = ("Commands: /image PATH  /audio PATH (attach to your next message)  /reset  /system TEXT  "
+        "/save FILE  /load FILE  /help  /quit   (Ctrl-D quits)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,12 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _command(session: ChatSession, line: str) -> Optional[str]:
+def _command(session: ChatSession, line: str, attached: dict) -> Optional[str]:
     """Run a /command; return what to print, or None to quit."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
     if name in ("/quit", "/exit"):
         return None
+    if name in ("/image", "/audio"):
+        if not arg or ("://" not in arg and not Path(arg).is_file()):
+            return f"[{name} needs an existing file]"
+        attached[name[1:]].append(arg)
+        return f"[{arg} will go with your next message]"
     if name == "/reset":
         session.reset()
         return "[conversation reset]"
@@ -192,7 +238,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_arguments(args)
         model, processor = load(args.model, revision=args.revision, dtype=args.dtype)
         session = ChatSession(model, processor, system=args.system, tools=read_tools(args.tools),
-                              enable_thinking=args.thinking, max_kv_size=args.max_kv_size)
+                              enable_thinking=args.thinking, max_kv_size=args.max_kv_size,
+                              image_token_budget=args.image_budget)
         if args.prompt_cache:
             session.load(args.prompt_cache)
     except (CheckpointError, ValueError) as e:
@@ -201,6 +248,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sampler, processors = sampling_setup(args, model)
     color = sys.stdout.isatty()
     print(HELP)
+    attached = {"image": [], "audio": []}
     while True:
         try:
             line = input(">> ").strip()
@@ -211,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         if line.startswith("/"):
             try:
-                reply = _command(session, line)
+                reply = _command(session, line, attached)
             except (OSError, ValueError) as e:
                 reply = f"[error: {e}]"
             if reply is None:
@@ -220,11 +268,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         last = None
         try:
-            for last in session.send(line, max_tokens=args.max_tokens, sampler=sampler,
-                                     logits_processors=processors):
+            for last in session.send(line, images=attached["image"], audio=attached["audio"],
+                                     max_tokens=args.max_tokens, sampler=sampler, logits_processors=processors):
                 print_piece(last, args.show_thinking, color)
         except KeyboardInterrupt:
-            print("\n[interrupted; /reset to start over]")
+            print("\n[interrupted; that turn was dropped]")
+        except ValueError as e:
+            print(f"[error: {e}]")
+        attached = {"image": [], "audio": []}
         print()
         if last is not None:
             print_stats(last)

@@ -10,7 +10,9 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from .audio_features import prepare_audio, split_at_silence
 from .generate import stream_generate, stop_token_ids
+from .image_processing import SUPPORTED_BUDGETS
 from .loader import CheckpointError, load
 from .response import THINKING, TOOL_CALL
 from .sampling import make_logits_processors, make_sampler
@@ -40,6 +42,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="print the thinking (dimmed) as it streams")
     p.add_argument("--system", default=None, help="a system prompt")
     p.add_argument("--tools", type=Path, default=None, help="a JSON file with a list of tool schemas")
+    p.add_argument("--image-budget", type=int, choices=SUPPORTED_BUDGETS, default=None,
+                   help="soft tokens per image (default: the checkpoint's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="Hello!", help="the user message; '-' reads it from stdin")
     p.add_argument("--image", nargs="+", default=None, help="image paths or URLs")
     p.add_argument("--audio", nargs="+", default=None, help="audio file paths")
-    p.add_argument("--video", default=None, help="a video file path")
+    p.add_argument("--video", default=None, help="a video file path (needs the [video] extra)")
+    p.add_argument("--audio-chunking", action="store_true",
+                   help="split clips longer than 30 s at silences into several clips")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--verbose", action=argparse.BooleanOptionalAction, default=True,
                    help="print generation statistics at the end")
@@ -85,6 +91,16 @@ def read_tools(path: Optional[Path]) -> Optional[list]:
     if not isinstance(tools, list):
         raise ValueError(f"--tools {path}: expected a JSON list of tool schemas")
     return tools
+
+
+def chunk_audio(paths: List[str], processor) -> list:
+    """Each clip cut at silences into pieces the model takes (at most 30 s)."""
+    extractor = processor.audio_feature_extractor
+    if extractor is None:
+        raise ValueError("this checkpoint has no audio encoder (only Gemma 4 E2B and E4B take audio)")
+    rate = extractor.sampling_rate
+    return [piece for path in paths
+            for piece in split_at_silence(prepare_audio(path, rate), rate, extractor.max_samples)]
 
 
 def sampling_setup(args: argparse.Namespace, model) -> tuple:
@@ -132,11 +148,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    audio = args.audio
+    if audio and args.audio_chunking:
+        try:
+            audio = chunk_audio(audio, processor)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.ignore_chat_template:
         prompt = text
     else:
         content = ([{"type": "image"} for _ in args.image or []] + ([{"type": "video"}] if args.video else [])
-                   + [{"type": "audio"} for _ in args.audio or []] + [{"type": "text", "text": text}])
+                   + [{"type": "audio"} for _ in audio or []] + [{"type": "text", "text": text}])
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": content}]
     sampler, processors = sampling_setup(args, model)
@@ -146,8 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for last in stream_generate(
             model, processor, prompt, max_tokens=args.max_tokens, sampler=sampler, logits_processors=processors,
             stop_tokens=stop_token_ids(model, processor), cache=model.make_cache(max_kv_size=args.max_kv_size),
-            tools=tools, enable_thinking=args.thinking, images=args.image, audio=args.audio,
-            videos=[args.video] if args.video else None,
+            tools=tools, enable_thinking=args.thinking, images=args.image, audio=audio,
+            videos=[args.video] if args.video else None, image_token_budget=args.image_budget,
         ):
             print_piece(last, args.show_thinking, color)
     except KeyboardInterrupt:

@@ -85,7 +85,7 @@ def generate_tokens(
 
 
 def prepare_prompt(processor, prompt: Prompt, *, tools=None, enable_thinking: bool = False,
-                   images=None, audio=None, videos=None) -> tuple:
+                   images=None, audio=None, videos=None, **media_options) -> tuple:
     """Token ids, multimodal arrays and prompt text for a string (already
     templated), token ids, or chat messages (rendered with the checkpoint's template)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
@@ -94,7 +94,7 @@ def prepare_prompt(processor, prompt: Prompt, *, tools=None, enable_thinking: bo
         )
     if isinstance(prompt, str):
         if images or audio or videos:
-            inputs = processor(prompt, images=images, audio=audio, videos=videos)
+            inputs = processor(prompt, images=images, audio=audio, videos=videos, **media_options)
             ids = inputs.pop("input_ids")[0].tolist()
             inputs.pop("attention_mask", None)
             return ids, inputs, prompt
@@ -120,19 +120,25 @@ def stream_generate(
     images=None,
     audio=None,
     videos=None,
+    image_token_budget: Optional[int] = None,
+    video_token_budget: Optional[int] = None,
     return_logprobs: bool = False,
 ) -> Iterator[Response]:
     """Stream the continuation of `prompt`.
 
     `prompt` is templated text, token ids, or a list of chat messages (then
     `tools` — JSON schemas or typed, documented Python functions — and
-    `enable_thinking` go to the chat template). Text arrives on the channel it
+    `enable_thinking` go to the chat template). `images`, `audio` and `videos`
+    fill the prompt's placeholders (see `Processor.__call__`, also for the
+    token budgets). Text arrives on the channel it
     belongs to: thinking, answer or tool_call, tags removed. Stops after
     `max_tokens` or at a stop token (default: every EOS id of config.json,
     generation_config.json and the tokenizer), which is not emitted.
     """
+    budgets = {k: v for k, v in (("image_token_budget", image_token_budget),
+                                 ("video_token_budget", video_token_budget)) if v is not None}
     ids, multimodal, prompt_text = prepare_prompt(processor, prompt, tools=tools, enable_thinking=enable_thinking,
-                                                  images=images, audio=audio, videos=videos)
+                                                  images=images, audio=audio, videos=videos, **budgets)
     if not ids:
         raise ValueError("the prompt is empty; give some text to continue")
     limit = model.config.text_config.max_position_embeddings

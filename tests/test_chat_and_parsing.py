@@ -191,3 +191,66 @@ def test_chat_repl_end_to_end(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("Generation: 5 tokens") == 2
     assert "[conversation reset]" in result.stdout and cache_file.is_file()
+
+
+def one_shot_media_logprobs(model, processor, messages, images, audio):
+    text = processor.apply_chat_template(messages)
+    inputs = processor(text, images=images or None, audio=audio or None)
+    inputs.pop("attention_mask")
+    logits = model(inputs.pop("input_ids"), **inputs)[0, -1].astype(mx.float32)
+    return np.array(logits - mx.logsumexp(logits))
+
+
+@pytest.mark.parametrize("variant", ["26b", "e2b"])
+def test_chat_with_images_and_audio_matches_a_fresh_run(tiny_checkpoint, variant):
+    """Media arrive in several turns; each turn encodes only its own and feeds
+    only the new tokens, and still equals one call on the whole conversation."""
+    from PIL import Image
+
+    model, processor = load(tiny_checkpoint(variant, sliding_window=16))
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)) for _ in range(2)]
+    clip = (0.3 * np.sin(np.linspace(0, 800, 8000))).astype(np.float32) if variant == "e2b" else None
+    session = ChatSession(model, processor)
+    turns = [("what is this?", [pictures[0]], []), ("and this one?", [pictures[1]], [clip] if clip is not None else []),
+             ("compare them", [], [])]
+    for text, images, audio in turns:
+        responses = list(session.send(text, images=images, audio=audio, max_tokens=6, return_logprobs=True))
+        reference = one_shot_media_logprobs(model, processor, session.messages[:-1], session.images, session.audio)
+        np.testing.assert_allclose(np.array(responses[0].logprobs), reference, rtol=0,
+                                   atol=1e-4 * np.abs(reference).max())
+    assert len(model.encoder_outputs) >= 2
+
+
+def test_chat_repl_in_a_pseudo_terminal(tiny_checkpoint, tmp_path):
+    """As a person types it: a TTY, so thinking/tool text is dimmed with ANSI codes."""
+    import os
+    import pty
+    import select
+    import time
+
+    main_fd, child_fd = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlx_gemma4.chat", "--model", str(tiny_checkpoint("e2b", sliding_window=16)),
+         "--max-tokens", "4", "--temp", "0"],
+        stdin=child_fd, stdout=child_fd, stderr=child_fd, close_fds=True,
+    )
+    os.close(child_fd)
+    output, deadline = b"", time.time() + 240
+
+    def read_until(marker: bytes) -> None:
+        nonlocal output
+        while marker not in output and time.time() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 1)
+            if ready:
+                try:
+                    output += os.read(main_fd, 4096)
+                except OSError:
+                    return
+
+    read_until(b">> ")
+    os.write(main_fd, b"hello\n")
+    read_until(b"Peak memory")
+    os.write(main_fd, b"/quit\n")
+    assert process.wait(timeout=60) == 0
+    assert b"Generation: 4 tokens" in output
