@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from .audio_features import AudioError, AudioFeatureExtractor, FeatureExtractorConfig, prepare_audio
 from .image_processing import ImageInputError, ImageProcessor, VideoProcessor
+from .tools import tool_schemas
 
 # Names under which a message's reasoning may arrive; templates read "reasoning_content" (or "thinking").
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
@@ -276,29 +277,33 @@ class Processor:
         documents: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         enable_thinking: bool = False,
+        tokenize: bool = False,
         **template_kwargs: Any,
-    ) -> str:
-        """Renders one conversation to the prompt string (it starts with ``<bos>``; encode it without special tokens).
+    ) -> str | list[int]:
+        """Renders one conversation to the prompt string (it starts with ``<bos>``; encode it without special
+        tokens), or to its token ids with ``tokenize=True``.
 
         ``messages`` are ``{"role", "content"}`` dicts whose content is a string or a list of parts such as
         ``{"type": "text", "text": ...}`` or ``{"type": "image"}``; extra fields (``tool_calls``,
-        ``tool_responses``, ``reasoning_content``) pass through. ``tools`` are JSON-schema function declarations.
-        Further keyword arguments become template variables, as in transformers.
+        ``tool_responses``, ``reasoning_content``) pass through. ``tools`` are JSON-schema function declarations
+        or typed, documented Python functions. Further keyword arguments become template variables, as in
+        transformers.
         """
         if self._compiled_template is None:
             raise ValueError("this checkpoint has no chat template (no chat_template.jinja or chat_template entry)")
         if not messages:
             raise ValueError("cannot apply the chat template to an empty conversation")
-        if tools is not None and not all(isinstance(tool, Mapping) for tool in tools):
-            raise TypeError("tools must be JSON-schema dicts")
+        if tools is not None:
+            tools = tool_schemas(list(tools))
         variables = {**self.special_tokens, "enable_thinking": enable_thinking, **template_kwargs}
-        return self._compiled_template.render(
+        text = self._compiled_template.render(
             messages=_template_messages(messages),
             tools=_plain(list(tools)) if tools is not None else None,
             documents=_plain(list(documents)) if documents is not None else None,
             add_generation_prompt=add_generation_prompt,
             **_plain(variables),
         )
+        return self.encode(text) if tokenize else text
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; control tokens written in the text (``<|turn>``) become their single ids."""

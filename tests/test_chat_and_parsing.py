@@ -254,3 +254,25 @@ def test_chat_repl_in_a_pseudo_terminal(tiny_checkpoint, tmp_path):
     os.write(main_fd, b"/quit\n")
     assert process.wait(timeout=60) == 0
     assert b"Generation: 4 tokens" in output
+
+
+def get_time(zone: str, precise: bool = False) -> str:
+    """Current time in a time zone.
+
+    Args:
+        zone: IANA name of the zone
+        precise: include seconds
+    """
+
+
+def test_python_function_tools_render_as_transformers_renders_them(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    path = tiny_checkpoint("e2b")
+    _, processor = load(path)
+    messages = [{"role": "user", "content": "what time is it in Paris?"}]
+    ours = processor.apply_chat_template(messages, tools=[get_time])
+    theirs = AutoTokenizer.from_pretrained(path).apply_chat_template(
+        messages, tools=[get_time], tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    assert processor.apply_chat_template(messages, tools=[get_time], tokenize=True) == processor.encode(ours)
