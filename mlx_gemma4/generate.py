@@ -147,7 +147,6 @@ def stream_generate(
         raise ValueError(f"context ({held} cached + {len(ids)} prompt tokens) plus max_tokens ({max_tokens}) "
                          f"exceeds the model's {limit} positions; shorten the prompt or lower max_tokens")
     stops = set(stop_tokens) if stop_tokens is not None else stop_token_ids(model, processor)
-    decoder = DecodeStream(skip_special_tokens=False)
     parser = ChannelParser(inside_thought=starts_inside_thought(prompt_text))
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -155,20 +154,15 @@ def stream_generate(
     tokens = generate_tokens(model, mx.array(ids, dtype=mx.int32), cache=cache, sampler=sampler,
                              logits_processors=logits_processors, prefill_step_size=prefill_step_size,
                              multimodal_inputs=multimodal)
-    generated, emitted = [], 0
+    stream = TextStream(processor)
     for n, (token, logprobs) in zip(range(1, max_tokens + 1), tokens):
         if n == 1:
             prompt_tps = len(ids) / (time.perf_counter() - start)
             start = time.perf_counter()
         finish = "stop" if token in stops else "length" if n == max_tokens else None
-        text = ""
-        if token not in stops:
-            generated.append(token)
-            text = decoder.step(processor.tokenizer, token) or ""
+        text = "" if token in stops else stream.add(token)
         if finish:
-            # Flush bytes the stream still holds (an incomplete character at the end).
-            text += processor.decode(generated)[emitted + len(text):]
-        emitted += len(text)
+            text += stream.flush()
         pieces = parser.feed(text, final=finish is not None) or [(parser.channel, "")]
         elapsed = time.perf_counter() - start
         for i, (channel, piece) in enumerate(pieces):
@@ -181,6 +175,41 @@ def stream_generate(
             )
         if finish:
             return
+
+
+class TextStream:
+    """Text of generated tokens as they arrive.
+
+    The tokenizers `DecodeStream` handles byte-fallback and SentencePiece
+    spacing incrementally, but refuses a stream whose earlier bytes were not
+    valid UTF-8 (a broken-off emoji, say); from then on the whole decode is
+    diffed, holding back a trailing incomplete character.
+    """
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.tokens: List[int] = []
+        self.emitted = 0
+        self._decoder: Optional[DecodeStream] = DecodeStream(skip_special_tokens=False)
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = None
+        if self._decoder is not None:
+            try:
+                text = self._decoder.step(self.processor.tokenizer, token) or ""
+            except Exception:  # tokenizers raises a bare Exception for an invalid prefix
+                self._decoder = None
+        if text is None:
+            text = self.processor.decode(self.tokens)[self.emitted:].rstrip("\ufffd")
+        self.emitted += len(text)
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the end)."""
+        text = self.processor.decode(self.tokens)[self.emitted:]
+        self.emitted += len(text)
+        return text
 
 
 def stop_token_ids(model, processor) -> set:

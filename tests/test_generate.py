@@ -128,3 +128,17 @@ def test_sampling_with_a_seed_is_reproducible(tiny_checkpoint):
         sampler = make_sampler(temp=1.0, top_p=0.95, top_k=64)
         runs.append([r.token for r in stream_generate(model, processor, "the sea", max_tokens=12, sampler=sampler)])
     assert runs[0] == runs[1]
+
+
+def test_text_stream_survives_invalid_utf8_from_byte_tokens(tiny_checkpoint):
+    """Byte-fallback tokens that are not valid UTF-8, then a normal token: the
+    tokenizers DecodeStream raises there; the stream must go on."""
+    from mlx_gemma4.generate import TextStream
+    from tiny_checkpoints import token_id
+
+    _, processor = load(tiny_checkpoint("e2b"))
+    ids = [token_id("<0x41>"), token_id("<0xF1>"), processor.encode(" the")[0], processor.encode("sea")[0]]
+    stream = TextStream(processor)
+    text = "".join(stream.add(t) for t in ids) + stream.flush()
+    # What was shown stays shown ("A"); the invalid byte becomes U+FFFD; the rest follows intact.
+    assert text == "A\ufffd" + processor.decode(ids[2:])
