@@ -54,8 +54,9 @@ def generate_tokens(
 
     Text prompts prefill in chunks of `prefill_step_size` through the cache.
     A prompt with images or audio prefills in one call, so every image block
-    is seen whole by its bidirectional attention. The next token is computed
-    while the caller handles the current one.
+    is seen whole by its bidirectional attention (the prompt must not end
+    inside a media block; chat templates end it with the generation prompt).
+    The next token is computed while the caller handles the current one.
     """
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
@@ -68,12 +69,14 @@ def generate_tokens(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
-    if not multimodal_inputs:
-        while prompt.size > prefill_step_size:
-            model(prompt[None, :prefill_step_size], cache)
-            mx.eval([c.state for c in cache])
-            prompt = prompt[prefill_step_size:]
-    token, logprobs = step(prompt, multimodal_inputs or {})
+    # Everything but the last prompt token only fills the caches: evaluating
+    # just the cache states skips the LM head and the KV-shared layers there.
+    context = prompt[:-1]
+    step_size = context.size if multimodal_inputs else prefill_step_size
+    for start in range(0, context.size, max(step_size, 1)):
+        model(context[None, start:start + step_size], cache, **(multimodal_inputs or {}))
+        mx.eval([c.state for c in cache])
+    token, logprobs = step(prompt[-1:], {})
     mx.async_eval(token, logprobs)
     while True:
         if logits_processors:
