@@ -227,8 +227,9 @@ class ModelConfig:
         return cls(
             model_type=model_type,
             text_config=text_config,
-            vision_config=config.get("vision_config"),
-            audio_config=config.get("audio_config"),
+            # mlx-vlm writes {} for an absent encoder.
+            vision_config=config.get("vision_config") or None,
+            audio_config=config.get("audio_config") or None,
             eos_token_ids=eos,
             image_token_id=config.get("image_token_id"),
             video_token_id=config.get("video_token_id"),
