@@ -64,6 +64,19 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._rope_periods)
 
+    def _project(self, x: mx.array) -> tuple:
+        """Q, K and V (None when V is K; K and V None on a KV-shared layer), from
+        one fused matmul once `fusion.fuse` has run."""
+        if "qkv_proj" not in self:
+            k = self.k_proj(x) if self.owns_kv else None
+            return self.q_proj(x), k, self.v_proj(x) if "v_proj" in self else None
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        y = self.qkv_proj(x)
+        if y.shape[-1] == q_width + kv_width:  # K=V: no V rows
+            q, k = mx.split(y, [q_width], axis=-1)
+            return q, k, None
+        return tuple(mx.split(y, [q_width, q_width + kv_width], axis=-1))
+
     def __call__(
         self,
         x: mx.array,
@@ -74,12 +87,13 @@ class Attention(nn.Module):
     ) -> Tuple[mx.array, KV]:
         """Returns the layer output and the (keys, values) it attended over."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
+        q, k, v = self._project(x)
+        q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim))
         q = self._rope(q.transpose(0, 2, 1, 3), offset)
 
         if self.owns_kv:
-            k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim)
-            v = self.v_proj(x).reshape(k.shape) if "v_proj" in self else k
+            k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
+            v = k if v is None else v.reshape(k.shape)
             k = self._rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
             v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)
             if cache is not None:

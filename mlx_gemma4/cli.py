@@ -25,8 +25,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by the generate and chat commands."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast float weights (default: as stored)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                   help="compute dtype (default auto: float32 on the CPU backend, the checkpoint's on a GPU)")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temp", type=float, default=None, help="sampling temperature (default: generation_config)")
     p.add_argument("--top-p", type=float, default=None)

@@ -17,7 +17,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import precision
 from .config import ModelConfig
+from .fusion import fuse
 from .model import Model
 from .processor import Processor
 
@@ -147,9 +149,10 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
 
 
 def load_model(
-    folder: Path, *, dtype: Optional[mx.Dtype] = None, lazy: bool = False, text_only: bool = False
+    folder: Path, *, dtype: Union[None, str, mx.Dtype] = None, lazy: bool = False, text_only: bool = False
 ) -> Model:
-    """Build the model from `folder`'s config.json and load its weights."""
+    """Build the model from `folder`'s config.json and load its weights, computing
+    in `dtype` (None: by device, see `precision`)."""
     try:
         config = ModelConfig.from_dict(read_config(folder))
     except ValueError as e:
@@ -166,12 +169,14 @@ def load_model(
     if config.quantization:
         _quantize(model, config.quantization, weights)
     check_weights(model, weights)
-    if dtype is not None:
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales") else v
-            for k, v in weights.items()
-        }
+    try:
+        compute = precision.compute_dtype(dtype, precision.checkpoint_dtype(weights))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    weights = precision.cast_weights(weights, compute, config.text_config.tie_word_embeddings)
     model.load_weights(list(weights.items()), strict=False)
+    model.language_model.model.compute_dtype = compute
+    fuse(model)
     for layer in model.language_model.model.layers:
         if "experts" in layer:
             layer.experts.use_float32_on_cpu()
@@ -194,8 +199,10 @@ def load(
     Args:
         path_or_repo: a local checkpoint folder or a Hugging Face Hub repo id.
         revision: the Hub revision (branch, tag or commit).
-        dtype: cast floating-point weights to this dtype ("float32", "bfloat16",
-            "float16"); default keeps the checkpoint's.
+        dtype: the compute dtype ("float32", "bfloat16", "float16"); default
+            "auto": float32 on the CPU backend (its quantized matmul is ~8x
+            faster so), the checkpoint's dtype on a GPU. Packed quantized
+            weights never grow; the vision/audio towers never become float16.
         lazy: leave weights memory-mapped until first use.
         text_only: skip the vision and audio encoders.
 
@@ -203,12 +210,7 @@ def load(
         `(model, processor)`; `model(input_ids, cache)` gives logits.
     """
     folder = resolve(path_or_repo, revision)
-    mx_dtype = None
-    if dtype is not None:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise CheckpointError(f"dtype '{dtype}' is not one of float32, bfloat16, float16")
-        mx_dtype = getattr(mx, dtype)
-    model = load_model(folder, dtype=mx_dtype, lazy=lazy, text_only=text_only)
+    model = load_model(folder, dtype=dtype, lazy=lazy, text_only=text_only)
     try:
         processor = Processor.from_pretrained(folder, eos_token_ids=model.config.eos_token_ids)
     except (ValueError, OSError) as e:

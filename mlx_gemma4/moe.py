@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
+from .kernels import geglu
 
 # Sorting tokens by expert makes the gathered weight reads contiguous; it pays
 # off once there are more (token, expert) pairs than a decode step has.
@@ -106,7 +107,11 @@ class ExpertGLU(nn.Module):
             order = mx.argsort(flat)
             x = x.flatten(0, -3)[order // shape[-1]]
             indices = flat[order]
-        h = nn.gelu_approx(self.gate_proj(x, indices, sort)) * self.up_proj(x, indices, sort)
+        if "gate_up_proj" in self:  # fused at load time (see `fusion`)
+            gate, up = mx.split(self.gate_up_proj(x, indices, sort), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, indices, sort), self.up_proj(x, indices, sort)
+        h = geglu(gate, up)
         y = self.down_proj(h, indices, sort)
         if sort:
             y = mx.unflatten(y[mx.argsort(order)], 0, shape)
@@ -124,19 +129,19 @@ class Experts(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return "scales" in self.switch_glu.gate_proj
+        return "scales" in self.switch_glu.down_proj
 
     def use_float32_on_cpu(self) -> None:
         """MLX's CPU `gather_mm` accepts only float32 (`gather_qmm` accepts any
         float type): on the CPU, unquantized expert stacks are kept in float32."""
         if self.quantized or mx.default_device() != mx.cpu:
             return
-        for proj in (self.switch_glu.gate_proj, self.switch_glu.up_proj, self.switch_glu.down_proj):
+        for proj in self.switch_glu.children().values():
             proj.weight = proj.weight.astype(mx.float32)
 
     def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
         dtype = x.dtype
         if not self.quantized:
-            x = x.astype(self.switch_glu.gate_proj.weight.dtype)
+            x = x.astype(self.switch_glu.down_proj.weight.dtype)
         y = self.switch_glu(x, experts)
         return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(dtype)

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
+from .kernels import geglu
 
 
 def add_model_weights(model: nn.Module, config: TextConfig) -> None:
@@ -35,7 +36,7 @@ def per_layer_inputs(
     """
     width = config.hidden_size_per_layer_input
     shape = (*input_ids.shape, config.num_hidden_layers, width)
-    token_part = model.embed_tokens_per_layer(input_ids)
+    token_part = model.lookup(model.embed_tokens_per_layer, input_ids)
     # The scale is rounded to the table's dtype first, as transformers does.
     token_part = token_part * mx.array(math.sqrt(width), dtype=token_part.dtype)
     context = model.per_layer_model_projection(embeddings) * (config.hidden_size**-0.5)
@@ -51,7 +52,7 @@ def add_layer_weights(layer: nn.Module, config: TextConfig) -> None:
     layer.post_per_layer_input_norm = nn.RMSNorm(hidden, eps=config.rms_norm_eps)
 
 
-def mix_into_residual(layer: nn.Module, h: mx.array, layer_input: mx.array) -> mx.array:
-    """`h + norm(proj(gelu_tanh(gate(h)) * layer_input))`."""
-    g = nn.gelu_approx(layer.per_layer_input_gate(h)) * layer_input
-    return h + layer.post_per_layer_input_norm(layer.per_layer_projection(g))
+def layer_input_term(layer: nn.Module, h: mx.array, layer_input: mx.array) -> mx.array:
+    """`norm(proj(gelu_tanh(gate(h)) * layer_input))`, to add to the residual `h`."""
+    g = geglu(layer.per_layer_input_gate(h), layer_input)
+    return layer.post_per_layer_input_norm(layer.per_layer_projection(g))

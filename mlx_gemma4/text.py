@@ -11,6 +11,7 @@ from . import ple
 from .attention import Attention
 from .cache import attention_masks, cache_offset, make_cache
 from .config import TextConfig
+from .kernels import add_scale, softcap
 from .mlp import MLP
 from .moe import Experts, Router
 
@@ -49,11 +50,11 @@ class DecoderLayer(nn.Module):
             experts, weights = self.router(h)
             e = self.experts(self.pre_feedforward_layernorm_2(h), experts, weights)
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
-        h = h + self.post_feedforward_layernorm(f)
-
+        f = self.post_feedforward_layernorm(f)
         if self.has_ple:
-            h = ple.mix_into_residual(self, h, per_layer_input)
-        return h * self.layer_scalar, kv
+            h = h + f
+            f = ple.layer_input_term(self, h, per_layer_input)
+        return add_scale(h, f, self.layer_scalar), kv
 
 
 class TextModel(nn.Module):
@@ -67,10 +68,17 @@ class TextModel(nn.Module):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if config.hidden_size_per_layer_input:
             ple.add_model_weights(self, config)
+        # The activations' dtype (set by the loader, see `precision`); None: the embedding's.
+        self.compute_dtype = None
+
+    def lookup(self, table: nn.Module, input_ids: mx.array) -> mx.array:
+        """Rows of an embedding table in the compute dtype."""
+        rows = table(input_ids)
+        return rows if self.compute_dtype is None else rows.astype(self.compute_dtype)
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """Scaled token embeddings, `embed_tokens[ids] * sqrt(hidden_size)`."""
-        x = self.embed_tokens(input_ids)
+        x = self.lookup(self.embed_tokens, input_ids)
         # The scale is rounded to the embedding dtype first, as transformers does.
         return x * mx.array(self.config.hidden_size**0.5, dtype=x.dtype)
 
@@ -126,7 +134,7 @@ class LanguageModel(nn.Module):
             logits = self.model.embed_tokens.as_linear(h)
         cap = self.config.final_logit_softcapping
         if cap:
-            logits = mx.tanh(logits / cap) * cap
+            logits = softcap(logits, mx.array(cap, dtype=logits.dtype))
         return logits
 
     def make_cache(self, max_kv_size: Optional[int] = None) -> List:

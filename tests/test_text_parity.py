@@ -98,7 +98,7 @@ def test_bfloat16_checkpoint_runs_within_bfloat16_noise(tiny_checkpoint, hf_mode
     from transformers import Gemma4ForConditionalGeneration
 
     path = tiny_checkpoint(variant, dtype="bfloat16", sliding_window=WINDOW)
-    ours = load_model(path)
+    ours = load_model(path, dtype="bfloat16")  # the default computes in float32 on the CPU
     assert ours.language_model.model.embed_tokens.weight.dtype == mx.bfloat16
     ids = prompt_ids(ours.config.text_config.vocab_size)
     hf16 = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16).eval()

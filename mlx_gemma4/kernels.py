@@ -1,0 +1,38 @@
+"""Elementwise chains fused into one kernel each with `mx.compile`.
+
+Each op of an eager chain is one kernel launch on Metal; compiled, a chain of
+elementwise ops is one. `shapeless=True` keeps one trace for every sequence
+length (none of these reshape). MLX fuses a chain only up to a small depth:
+`nn.gelu_approx` alone compiles to two kernels and the product with the up
+projection adds a third; `geglu` is one.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import mlx.core as mx
+
+# 0.5 * (1 + tanh(z)) == sigmoid(2z): the same tanh-approximate GELU as
+# `nn.gelu_approx` in a chain short enough to compile into one kernel.
+_K1 = 2 * math.sqrt(2 / math.pi)
+_K3 = _K1 * 0.044715
+
+
+@partial(mx.compile, shapeless=True)
+def geglu(gate: mx.array, up: mx.array) -> mx.array:
+    """`gelu_tanh(gate) * up` (the tanh approximation, as `nn.gelu_approx`)."""
+    return (gate * up) * mx.sigmoid(gate * (_K3 * mx.square(gate) + _K1))
+
+
+@partial(mx.compile, shapeless=True)
+def add_scale(h: mx.array, x: mx.array, scale: mx.array) -> mx.array:
+    """`(h + x) * scale`: the last residual add and the layer scalar."""
+    return (h + x) * scale
+
+
+@partial(mx.compile, shapeless=True)
+def softcap(x: mx.array, cap: mx.array) -> mx.array:
+    """`tanh(x / cap) * cap`."""
+    return mx.tanh(x / cap) * cap

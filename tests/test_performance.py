@@ -1,0 +1,141 @@
+"""Guards of the performance levers; nothing here is timed."""
+
+import ast
+import re
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_gemma4
+from mlx_gemma4 import precision
+from mlx_gemma4.cache import attention_masks
+from mlx_gemma4.loader import load_model
+
+PACKAGE = Path(mlx_gemma4.__file__).parent
+LAYER_MODULES = ("attention.py", "mlp.py", "moe.py", "ple.py", "text.py", "kernels.py", "fusion.py", "cache.py")
+
+
+def graph_labels(*outputs) -> list:
+    with tempfile.NamedTemporaryFile("r", suffix=".dot") as f:
+        mx.export_to_dot(f.name, *outputs)
+        return re.findall(r'label ="([^"]+)", shape=rectangle', f.read())
+
+
+def greedy(model, ids, steps=12):
+    cache = model.make_cache()
+    logits = model(mx.array(ids), cache)
+    out = []
+    for _ in range(steps):
+        token = mx.argmax(logits[:, -1], axis=-1)
+        out.append(token.item())
+        logits = model(token[None], cache)
+    return out
+
+
+@pytest.fixture(scope="module")
+def e2b(tiny_checkpoint):
+    return load_model(tiny_checkpoint("e2b", with_towers=False))
+
+
+@pytest.fixture(scope="module")
+def moe(tiny_checkpoint):
+    return load_model(tiny_checkpoint("26b", with_towers=False))
+
+
+def test_auto_policy_computes_in_float32_on_cpu_and_in_the_checkpoint_dtype_on_gpu():
+    assert precision.compute_dtype(None, mx.bfloat16, mx.Device(mx.cpu)) == mx.float32
+    assert precision.compute_dtype("auto", mx.bfloat16, mx.Device(mx.gpu)) == mx.bfloat16
+    assert precision.compute_dtype("float16", mx.bfloat16, mx.Device(mx.cpu)) == mx.float16
+    with pytest.raises(ValueError):
+        precision.compute_dtype("int8", mx.bfloat16)
+
+
+def test_cast_never_grows_packed_weights_nor_makes_towers_float16():
+    weights = {
+        "language_model.model.layers.0.mlp.up_proj.weight": mx.zeros((4, 8), mx.uint32),
+        "language_model.model.layers.0.mlp.up_proj.scales": mx.zeros((4, 1), mx.bfloat16),
+        "language_model.model.layers.0.input_layernorm.weight": mx.zeros((8,), mx.bfloat16),
+        "language_model.model.embed_tokens_per_layer.weight": mx.zeros((16, 8), mx.bfloat16),
+        "vision_tower.proj.weight": mx.zeros((8, 8), mx.float32),
+    }
+    up = precision.cast_weights(weights, mx.float32, tied_embedding=True)
+    assert up["language_model.model.layers.0.mlp.up_proj.weight"].dtype == mx.uint32
+    assert up["language_model.model.layers.0.mlp.up_proj.scales"].dtype == mx.bfloat16  # would grow
+    assert up["language_model.model.layers.0.input_layernorm.weight"].dtype == mx.float32
+    assert up["language_model.model.embed_tokens_per_layer.weight"].dtype == mx.bfloat16  # lookup only
+    down = precision.cast_weights(weights, mx.float16, tied_embedding=True)
+    assert down["vision_tower.proj.weight"].dtype == mx.float32
+    assert down["language_model.model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
+
+
+@pytest.mark.parametrize("variant", ["e2b", "26b"])
+def test_auto_policy_greedy_equals_float32_reference(tiny_checkpoint, tmp_path, variant):
+    """A 4-bit bfloat16 checkpoint: the default (auto) load decodes exactly as an
+    explicit float32 load, in float32 activations."""
+    from convert import convert
+
+    out = tmp_path / "q4"
+    convert(tiny_checkpoint(variant, dtype="bfloat16", with_towers=False), out, quantize=True, q_bits=4,
+            q_group_size=32, report=False, progress=False, log=lambda *a: None)
+    auto, reference = load_model(out), load_model(out, dtype="float32")
+    ids = np.arange(4, 28, dtype=np.int32)[None]
+    assert auto.language_model.model.embed(mx.array(ids)).dtype == mx.float32
+    assert greedy(auto, ids) == greedy(reference, ids)
+
+
+def test_projections_are_fused_and_elementwise_chains_compiled(e2b):
+    layer = e2b.language_model.model.layers[0]
+    assert "qkv_proj" in layer.self_attn and "q_proj" not in layer.self_attn
+    assert "gate_up_proj" in layer.mlp and "gate_proj" not in layer.mlp
+    labels = graph_labels(layer.mlp(mx.ones((1, 1, e2b.config.text_config.hidden_size))))
+    assert sum(label.startswith("Compiled") for label in labels) == 1
+    assert labels.count("Matmul") + labels.count("QuantizedMatmul") == 2  # gate_up and down
+
+
+def test_experts_run_as_batched_gathers_without_a_python_loop(moe):
+    layer = moe.language_model.model.layers[0]
+    assert "gate_up_proj" in layer.experts.switch_glu
+    h = mx.ones((1, 3, moe.config.text_config.hidden_size))
+    experts, weights = layer.router(h)
+    labels = graph_labels(layer.experts(h, experts, weights))
+    gathers = [label for label in labels if label.startswith("Gather") and label.endswith("MM")]
+    assert len(gathers) == 2  # fused gate/up, then down: one each for all tokens and experts
+    source = (PACKAGE / "moe.py").read_text()
+    assert "for " not in ast.get_source_segment(source, _function(source, "ExpertGLU", "__call__"))
+
+
+def _function(source, cls, name):
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            return next(f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == name)
+    raise AssertionError(f"{cls}.{name} not found")
+
+
+def test_kv_shared_layers_allocate_no_cache_and_sliding_caches_stay_bounded(e2b):
+    text = e2b.config.text_config
+    cache = e2b.make_cache()
+    assert len(cache) == text.first_kv_shared_layer < text.num_hidden_layers
+    for layer in e2b.language_model.model.layers[text.first_kv_shared_layer:]:
+        assert "k_proj" not in layer.self_attn and "qkv_proj" not in layer.self_attn
+    window = text.sliding_window
+    e2b(mx.arange(4, 4 + 2 * window)[None], cache)
+    sizes = {}
+    for step in range(window + 3):
+        e2b(mx.array([[5 + step % 7]]), cache)
+        for i, c in enumerate(cache):
+            if text.is_sliding(i):
+                assert c.keys.shape[2] == window
+                sizes.setdefault(i, c.keys.shape)
+                assert c.keys.shape == sizes[i]  # written in place, never reallocated larger
+
+
+def test_decode_step_builds_no_mask_and_layers_never_sync_with_the_host(e2b):
+    cache = e2b.make_cache()
+    e2b(mx.arange(4, 40)[None], cache)
+    assert set(attention_masks(e2b.config.text_config, 1, cache).values()) == {None}
+    for name in LAYER_MODULES:
+        source = (PACKAGE / name).read_text()
+        assert ".item()" not in source and ".tolist()" not in source, name
