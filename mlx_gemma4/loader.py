@@ -182,7 +182,10 @@ def load_model(
             layer.experts.use_float32_on_cpu()
     model.eval()
     if not lazy:
-        mx.eval(model.parameters())
+        # One tensor at a time: a single eval of everything would hold each
+        # mapped source and its cast or fused copy at once (peak ~2x weights).
+        for _, parameter in sorted(tree_flatten(model.parameters()), key=lambda p: -p[1].nbytes):
+            mx.eval(parameter)
     return model
 
 
