@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -251,12 +251,18 @@ def ensure_checkpoint(cache_dir: Path, geometry: str, layers: int, seed: int) ->
     geometry never reuses stale weights.
     """
     config = checkpoint_config(cut_layers(real_text_config(geometry), layers))
-    digest = hashlib.sha256(json.dumps([config, seed, WEIGHT_STD], sort_keys=True).encode()).hexdigest()[:10]
-    folder = cache_dir / f"{geometry}-{layers}L-{digest}"
+    return cached_build(cache_dir / f"{geometry}-{layers}L", [config, seed, WEIGHT_STD],
+                        lambda folder: build_checkpoint(folder, config, seed))
+
+
+def cached_build(stem: Path, key: list, build: Callable[[Path], None]) -> Path:
+    """`stem`-<hash of key>, built by `build(folder)` unless it already exists."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    folder = stem.with_name(f"{stem.name}-{digest}")
     if not folder.is_dir():
         log(f"building random checkpoint {folder}")
         start = time.perf_counter()
-        build_checkpoint(folder, config, seed)
+        build(folder)
         log(f"  built in {time.perf_counter() - start:.0f} s")
     return folder
 

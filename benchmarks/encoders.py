@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import shutil
 import sys
@@ -34,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py, next to this file
-from bench import GB, ROOT, cut_layers, log, machine, parameter_shapes, plan_shards, random_tensor, \
+from bench import GB, ROOT, cached_build, cut_layers, log, machine, parameter_shapes, plan_shards, random_tensor, \
     real_text_config  # noqa: E402
 from mlx_gemma4.audio import valid_rows  # noqa: E402
 from mlx_gemma4.audio_features import AudioFeatureExtractor  # noqa: E402
@@ -111,14 +110,8 @@ def build_checkpoint(folder: Path, config: dict, seed: int) -> None:
 
 def ensure_checkpoint(cache_dir: Path, geometry: str, config: dict, seed: int) -> Path:
     """The cached checkpoint folder for `config`, built if missing (named by a hash of config and seed)."""
-    digest = hashlib.sha256(json.dumps([config, seed, CLIP_BOUND], sort_keys=True).encode()).hexdigest()[:10]
-    folder = cache_dir / f"encoders-{geometry}-{digest}"
-    if not folder.is_dir():
-        log(f"building random checkpoint {folder}")
-        start = time.perf_counter()
-        build_checkpoint(folder, config, seed)
-        log(f"  built in {time.perf_counter() - start:.0f} s")
-    return folder
+    return cached_build(cache_dir / f"encoders-{geometry}", [config, seed, CLIP_BOUND],
+                        lambda folder: build_checkpoint(folder, config, seed))
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import mlx_gemma4
 from mlx_gemma4 import precision
 from mlx_gemma4.cache import attention_masks
 from mlx_gemma4.loader import load_model
+from test_text_parity import greedy_mlx
 
 PACKAGE = Path(mlx_gemma4.__file__).parent
 LAYER_MODULES = ("attention.py", "mlp.py", "moe.py", "ple.py", "text.py", "kernels.py", "fusion.py", "cache.py")
@@ -24,15 +25,6 @@ def graph_labels(*outputs) -> list:
         return re.findall(r'label ="([^"]+)", shape=rectangle', f.read())
 
 
-def greedy(model, ids, steps=12):
-    cache = model.make_cache()
-    logits = model(mx.array(ids), cache)
-    out = []
-    for _ in range(steps):
-        token = mx.argmax(logits[:, -1], axis=-1)
-        out.append(token.item())
-        logits = model(token[None], cache)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +75,7 @@ def test_auto_policy_greedy_equals_float32_reference(tiny_checkpoint, tmp_path, 
     auto, reference = load_model(out), load_model(out, dtype="float32")
     ids = np.arange(4, 28, dtype=np.int32)[None]
     assert auto.language_model.model.embed(mx.array(ids)).dtype == mx.float32
-    assert greedy(auto, ids) == greedy(reference, ids)
+    assert greedy_mlx(auto, ids, 12) == greedy_mlx(reference, ids, 12)
 
 
 def test_projections_are_fused_and_elementwise_chains_compiled(e2b):
