@@ -253,3 +253,23 @@ def test_mismatched_inputs_are_clear_errors(tiny_checkpoint):
               image_position_ids=inputs["image_position_ids"][:1])
     with pytest.raises(ValueError, match="need their position ids"):
         model(inputs["input_ids"], pixel_values=inputs["pixel_values"])
+
+
+@pytest.mark.parametrize("variant,layers", [("e2b", 16), ("26b", 27)])
+def test_full_depth_vision_tower_stays_with_transformers(tmp_path, monkeypatch, variant, layers):
+    """The real encoders' depth (16 / 27 layers): float32 rounding grows with
+    depth (1e-4 relative at 27 layers), it must not drift further."""
+    import tiny_checkpoints
+
+    shallow = tiny_checkpoints.vision_config
+    monkeypatch.setattr(tiny_checkpoints, "vision_config", lambda v: {**shallow(v), "num_hidden_layers": layers})
+    path = tiny_checkpoints.build_checkpoint(tmp_path / variant, variant)
+    from transformers import Gemma4ForConditionalGeneration
+
+    hf = Gemma4ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    model, _ = load(path, dtype="float32")
+    pixels, positions = hf_image_inputs(path, [image(1), image(2, 90, 40)])
+    with torch.no_grad():
+        want = torch.cat(hf.model.get_image_features(pixels, positions).pooler_output).numpy()
+    got = np.array(model.encode_vision(mx.array(pixels.numpy()), mx.array(positions.numpy())))
+    assert np.abs(got - want).max() / np.abs(want).max() <= 2e-4
