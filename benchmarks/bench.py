@@ -211,12 +211,15 @@ def plan_shards(shapes: Dict[str, Tuple[int, ...]]) -> List[List[str]]:
     return shards
 
 
-def build_checkpoint(folder: Path, config: dict, seed: int) -> None:
-    """Write a random bfloat16 checkpoint for `config` into `folder`.
+def build_checkpoint(folder: Path, config: dict, seed: int,
+                     make_tensor: Optional[Callable[[str, Tuple[int, ...]], mx.array]] = None) -> None:
+    """Write a random bfloat16 checkpoint for `config` into `folder`
+    (`make_tensor(name, shape)` draws each tensor; default `random_tensor`).
 
     Built in a temporary sibling folder and renamed at the end, so an
     interrupted build never leaves a folder that looks complete.
     """
+    make_tensor = make_tensor or (lambda name, shape: random_tensor(shape))
     shapes = parameter_shapes(config)
     shards = plan_shards(shapes)
     partial = folder.with_name(folder.name + ".partial")
@@ -230,7 +233,7 @@ def build_checkpoint(folder: Path, config: dict, seed: int) -> None:
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for name in names:
-            tensors[name] = random_tensor(shapes[name])
+            tensors[name] = make_tensor(name, shapes[name])
             mx.eval(tensors[name])
         mx.save_safetensors(str(partial / file), tensors, metadata={"format": "mlx"})
         total += sum(t.nbytes for t in tensors.values())

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -33,8 +32,8 @@ import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py, next to this file
-from bench import GB, ROOT, cached_build, cut_layers, log, machine, parameter_shapes, plan_shards, random_tensor, \
-    real_text_config  # noqa: E402
+from bench import GB, ROOT, build_checkpoint, cached_build, cut_layers, log, machine, parameter_shapes, \
+    random_tensor, real_text_config  # noqa: E402
 from mlx_gemma4.audio import valid_rows  # noqa: E402
 from mlx_gemma4.audio_features import AudioFeatureExtractor  # noqa: E402
 from mlx_gemma4.image_processing import SUPPORTED_BUDGETS, ImageProcessor  # noqa: E402
@@ -81,37 +80,10 @@ def random_weight(name: str, shape: Tuple[int, ...]) -> mx.array:
     return random_tensor(shape)
 
 
-def build_checkpoint(folder: Path, config: dict, seed: int) -> None:
-    """Write a random bfloat16 checkpoint for `config` (mlx_gemma4 key names) into `folder`,
-    via a temporary sibling folder renamed at the end."""
-    shapes = parameter_shapes(config)
-    shards = plan_shards(shapes)
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    mx.random.seed(seed)
-    weight_map: Dict[str, str] = {}
-    total = 0
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {name: random_weight(name, shapes[name]) for name in names}
-        mx.eval(tensors)
-        mx.save_safetensors(str(partial / file), tensors, metadata={"format": "mlx"})
-        total += sum(t.nbytes for t in tensors.values())
-        weight_map.update(dict.fromkeys(names, file))
-        del tensors
-        mx.clear_cache()
-        log(f"  {file}: {total / GB:.2f} GB written")
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (partial / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
-    partial.rename(folder)
-
-
 def ensure_checkpoint(cache_dir: Path, geometry: str, config: dict, seed: int) -> Path:
     """The cached checkpoint folder for `config`, built if missing (named by a hash of config and seed)."""
     return cached_build(cache_dir / f"encoders-{geometry}", [config, seed, CLIP_BOUND],
-                        lambda folder: build_checkpoint(folder, config, seed))
+                        lambda folder: build_checkpoint(folder, config, seed, random_weight))
 
 
 # ---------------------------------------------------------------------------
