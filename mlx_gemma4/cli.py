@@ -75,10 +75,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--min-p must be in [0, 1)")
     if args.max_kv_size is not None and args.max_kv_size <= 0:
         raise ValueError("--max-kv-size must be positive")
-    media = (getattr(args, "image", None) or []) + (getattr(args, "audio", None) or [])
-    for media in media + ([args.video] if getattr(args, "video", None) else []):
-        if "://" not in media and not Path(media).is_file():
-            raise ValueError(f"{media}: no such file")
+    files = (getattr(args, "image", None) or []) + (getattr(args, "audio", None) or [])
+    for file in files + ([args.video] if getattr(args, "video", None) else []):
+        if "://" not in file and not Path(file).is_file():
+            raise ValueError(f"{file}: no such file")
 
 
 def read_tools(path: Optional[Path]) -> Optional[list]:

@@ -189,7 +189,7 @@ class Model(nn.Module):
         onto this model's names. Idempotent: converted weights pass unchanged."""
         text = self.config.text_config
         kv_shared = re.compile(
-            rf"language_model\.model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\."
+            r"language_model\.model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\."
         )
         out = {}
         for key, value in weights.items():

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from mlx_gemma4.chat import ChatSession
-from mlx_gemma4.generate import generate_result
 from mlx_gemma4.loader import load
 from mlx_gemma4.response import ChannelParser, GenerationResult, starts_inside_thought
 from mlx_gemma4.tools import ToolCall, function_schema, parse_tool_calls

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import torch
 
