@@ -56,6 +56,8 @@ class Attention(nn.Module):
         rope = config.rope(layer)
         self.rope_theta = rope.theta
         self._rope_periods = rope_periods(self.head_dim, rope.theta, rope.partial_rotary_factor)
+        # Set at load time by `fusion.fuse`; None (trainable models): built per call.
+        self._stacked_norm_weight: Optional[mx.array] = None
 
     def _rope(self, x: mx.array, offset: int) -> mx.array:
         if self._rope_periods is None:
@@ -64,18 +66,34 @@ class Attention(nn.Module):
         return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
                             offset=offset, freqs=self._rope_periods)
 
-    def _project(self, x: mx.array) -> tuple:
-        """Q, K and V (None when V is K; K and V None on a KV-shared layer), from
-        one fused matmul once `fusion.fuse` has run."""
-        if "qkv_proj" not in self:
-            k = self.k_proj(x) if self.owns_kv else None
-            return self.q_proj(x), k, self.v_proj(x) if "v_proj" in self else None
-        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        y = self.qkv_proj(x)
-        if y.shape[-1] == q_width + kv_width:  # K=V: no V rows
-            q, k = mx.split(y, [q_width], axis=-1)
-            return q, k, None
-        return tuple(mx.split(y, [q_width, q_width + kv_width], axis=-1))
+    def stacked_norm_weight(self) -> mx.array:
+        """`[n_heads + n_kv_heads, head_dim]`: q_norm's weight for every query
+        head, then k_norm's for every key head (fusion.fuse stores it)."""
+        shape = (self.n_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
+        return mx.concatenate([mx.broadcast_to(self.q_norm.weight, shape[0]),
+                               mx.broadcast_to(self.k_norm.weight, shape[1])])
+
+    def _queries_keys_values(self, x: mx.array, offset: int) -> tuple:
+        """Normed, rotated Q, K and V as `[B, heads, T, head_dim]`.
+
+        Q|K|V heads come from one matmul (fused at load time, else concatenated)
+        and are normed together: one weightless rms_norm over every head (V's
+        norm has no weight), one multiply by the stacked q/k norm weights and one
+        rope over the Q|K heads, where separate norms and ropes take five kernels.
+        """
+        B, T, _ = x.shape
+        if "qkv_proj" in self:
+            y = self.qkv_proj(x)
+        else:
+            y = mx.concatenate([self[n](x) for n in ("q_proj", "k_proj", "v_proj") if n in self], axis=-1)
+        y = mx.fast.rms_norm(y.reshape(B, T, -1, self.head_dim), None, self.eps)
+        qk_heads = self.n_heads + self.n_kv_heads
+        weight = self._stacked_norm_weight
+        qk = y[:, :, :qk_heads] * (self.stacked_norm_weight() if weight is None else weight)
+        qk = self._rope(qk.transpose(0, 2, 1, 3), offset)
+        # K=V: no V heads, V is the un-weighted norm of the K heads.
+        v = y[:, :, self.n_heads:] if y.shape[2] == qk_heads else y[:, :, qk_heads:]
+        return qk[:, : self.n_heads], qk[:, self.n_heads:], v.transpose(0, 2, 1, 3)
 
     def __call__(
         self,
@@ -87,18 +105,13 @@ class Attention(nn.Module):
     ) -> Tuple[mx.array, KV]:
         """Returns the layer output and the (keys, values) it attended over."""
         B, T, _ = x.shape
-        q, k, v = self._project(x)
-        q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim))
-        q = self._rope(q.transpose(0, 2, 1, 3), offset)
-
         if self.owns_kv:
-            k = k.reshape(B, T, self.n_kv_heads, self.head_dim)
-            v = k if v is None else v.reshape(k.shape)
-            k = self._rope(self.k_norm(k).transpose(0, 2, 1, 3), offset)
-            v = mx.fast.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)
+            q, k, v = self._queries_keys_values(x, offset)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
         else:
+            q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
+            q = self._rope(q.transpose(0, 2, 1, 3), offset)
             k, v = shared_kv
 
         # q_norm/k_norm replace the 1/sqrt(head_dim) scaling.

@@ -51,12 +51,17 @@ def _fuse_into(owner: nn.Module, names: List[str], fused_name: str) -> bool:
 
 def fuse(model: nn.Module) -> None:
     """Fuse, in place, every decoder layer's Q/K/V (when the layer owns K/V),
-    the dense MLP's gate/up and the experts' gate/up projections."""
+    the dense MLP's gate/up and the experts' gate/up projections, and store the
+    constants a step would otherwise rebuild from the loaded weights: the
+    stacked q/k norm weights and the router's scaled norm weight."""
     for layer in model.language_model.model.layers:
         attn = layer.self_attn
         if attn.owns_kv:
             names = ["q_proj", "k_proj"] + (["v_proj"] if "v_proj" in attn else [])
             _fuse_into(attn, names, "qkv_proj")
+            attn._stacked_norm_weight = attn.stacked_norm_weight()
+        if "router" in layer:
+            layer.router._norm_weight = layer.router.norm_weight()
         _fuse_into(layer.mlp, ["gate_proj", "up_proj"], "gate_up_proj")
         if "experts" in layer:
             _fuse_into(layer.experts.switch_glu, ["gate_proj", "up_proj"], "gate_up_proj")

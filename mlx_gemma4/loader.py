@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 from . import precision
 from .config import ModelConfig
 from .fusion import fuse
+from .quantized import use_dequantizing_prefill
 from .model import Model
 from .processor import Processor
 
@@ -125,6 +126,7 @@ def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) ->
         return override if isinstance(override, dict) else True
 
     nn.quantize(model, **defaults, class_predicate=predicate)
+    use_dequantizing_prefill(model)
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
@@ -149,10 +151,11 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
 
 
 def load_model(
-    folder: Path, *, dtype: Union[None, str, mx.Dtype] = None, lazy: bool = False, text_only: bool = False
+    folder: Union[str, Path], *, dtype: Union[None, str, mx.Dtype] = None, lazy: bool = False, text_only: bool = False
 ) -> Model:
     """Build the model from `folder`'s config.json and load its weights, computing
     in `dtype` (None: by device, see `precision`)."""
+    folder = Path(folder)
     try:
         config = ModelConfig.from_dict(read_config(folder))
     except ValueError as e:

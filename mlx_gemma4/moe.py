@@ -8,6 +8,8 @@ are a few lines of `mx.gather_mm` / `mx.gather_qmm`, so they live here.
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import mlx.core as mx
@@ -33,17 +35,35 @@ class Router(nn.Module):
         self.scale = mx.ones((config.hidden_size,))
         self.per_expert_scale = mx.ones((config.num_experts,))
         self._input_scale = config.hidden_size**-0.5
+        # Set at load time by `fusion.fuse`; None (trainable models): built per call.
+        self._norm_weight: Optional[mx.array] = None
+
+    def norm_weight(self) -> mx.array:
+        """The norm's weight with the constant input scale folded in, in float32."""
+        return self.scale.astype(mx.float32) * self._input_scale
 
     def __call__(self, h: mx.array) -> Tuple[mx.array, mx.array]:
         # Routing is discontinuous: in bfloat16 near-tied experts flip. The router
-        # is tiny, so it runs in float32 whatever the model dtype.
-        z = mx.fast.rms_norm(h.astype(mx.float32), self.scale.astype(mx.float32) * self._input_scale, self.eps)
+        # is tiny, so it runs in float32 whatever the model dtype (the loader keeps
+        # its weights in float32, so these casts are no-ops on the CPU).
+        weight = self.norm_weight() if self._norm_weight is None else self._norm_weight
+        z = mx.fast.rms_norm(h.astype(mx.float32), weight, self.eps)
         logits = self.proj(z).astype(mx.float32)
         # Top-k of the logits is the top-k of the softmax; renormalising the
         # softmax over the chosen k equals a softmax over their logits.
-        experts = mx.argpartition(-logits, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        experts = mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k:]
         weights = mx.softmax(mx.take_along_axis(logits, experts, axis=-1), axis=-1)
         return experts, weights * self.per_expert_scale[experts]
+
+
+@lru_cache(maxsize=32)
+def _row_indices(shape: Tuple[int, ...]) -> mx.array:
+    """The `lhs_indices` of a gather in which every row of `x` reads itself.
+    Left out, MLX builds this arange anew in every step's graph; it only
+    depends on the shape, so it is made (and evaluated) once per shape."""
+    rows = mx.arange(math.prod(shape), dtype=mx.uint32).reshape(shape)
+    mx.eval(rows)
+    return rows
 
 
 class ExpertLinear(nn.Module):
@@ -54,7 +74,8 @@ class ExpertLinear(nn.Module):
         self.weight = mx.zeros((num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=_row_indices(x.shape[:-2]),
+                            rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine"):
         """Quantize the whole stack at once, so `gather_qmm` can read it."""
@@ -83,7 +104,8 @@ class QuantizedExpertLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         return mx.gather_qmm(
-            x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
+            x, self.weight, self.scales, self.get("biases"), lhs_indices=_row_indices(x.shape[:-2]),
+            rhs_indices=indices, transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
 
@@ -144,4 +166,5 @@ class Experts(nn.Module):
         if not self.quantized:
             x = x.astype(self.switch_glu.down_proj.weight.dtype)
         y = self.switch_glu(x, experts)
-        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2).astype(dtype)
+        # The weighted sum over the k experts as one [1, k] @ [k, H] product.
+        return (weights[..., None, :].astype(y.dtype) @ y).squeeze(-2).astype(dtype)

@@ -131,3 +131,92 @@ def test_decode_step_builds_no_mask_and_layers_never_sync_with_the_host(e2b):
     for name in LAYER_MODULES:
         source = (PACKAGE / name).read_text()
         assert ".item()" not in source and ".tolist()" not in source, name
+
+
+def _count_calls(monkeypatch, space, name) -> list:
+    calls = []
+    original = getattr(space, name)
+    monkeypatch.setattr(space, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+    return calls
+
+
+def test_a_kv_owning_layer_norms_and_rotates_q_k_v_in_one_call_each(e2b, moe, monkeypatch):
+    norms = _count_calls(monkeypatch, mx.fast, "rms_norm")
+    ropes = _count_calls(monkeypatch, mx.fast, "rope")
+    for model in (e2b, moe):  # separate V projection, and K=V on the global layers
+        for i, layer in enumerate(model.language_model.model.layers):
+            if not layer.self_attn.owns_kv:
+                continue
+            norms.clear(), ropes.clear()
+            x = mx.ones((1, 3, model.config.text_config.hidden_size))
+            layer.self_attn(x, "causal", 0)
+            assert (len(norms), len(ropes)) == (1, 1), i
+
+
+def test_load_time_constants_change_nothing(moe, e2b):
+    """The stacked q/k norm weights and the router's scaled norm weight stored by
+    `fuse` give the same logits as rebuilding them every call (the trainable path)."""
+    ids = mx.array([[5, 9, 14, 3, 8, 21]])
+    for model in (e2b, moe):
+        stored = model.language_model(ids)
+        layers = model.language_model.model.layers
+        saved = [(l.self_attn._stacked_norm_weight, l["router"]._norm_weight if "router" in l else None)
+                 for l in layers]
+        for l in layers:
+            l.self_attn._stacked_norm_weight = None
+            if "router" in l:
+                l.router._norm_weight = None
+        rebuilt = model.language_model(ids)
+        for l, (attn_weight, router_weight) in zip(layers, saved):
+            l.self_attn._stacked_norm_weight = attn_weight
+            if "router" in l:
+                l.router._norm_weight = router_weight
+        assert mx.array_equal(stored, rebuilt)
+    assert all(l.self_attn._stacked_norm_weight is not None for l in layers if l.self_attn.owns_kv)
+
+
+def test_expert_gathers_build_no_index_arrays_per_step(moe):
+    layer = moe.language_model.model.layers[0]
+    h = mx.ones((1, 1, moe.config.text_config.hidden_size))
+    experts, weights = layer.router(h)
+    mx.eval(experts, weights)
+    labels = graph_labels(layer.experts(h, experts, weights))
+    assert "Arange" not in labels
+
+
+@pytest.fixture(scope="module")
+def e2b_4bit(tiny_checkpoint, tmp_path_factory):
+    from convert import convert
+
+    out = tmp_path_factory.mktemp("q4") / "e2b"
+    convert(tiny_checkpoint("e2b", with_towers=False), out, quantize=True, q_bits=4, q_group_size=32,
+            report=False, progress=False, log=lambda *a: None)
+    return load_model(out)
+
+
+def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b_4bit):
+    import mlx.nn as nn
+    from mlx_gemma4.quantized import DEQUANTIZE_MIN_ROWS, QuantizedLinear
+
+    layer = e2b_4bit.language_model.model.layers[0]
+    proj = layer.mlp.gate_up_proj
+    assert isinstance(proj, QuantizedLinear)
+    chunk = mx.random.normal((1, DEQUANTIZE_MIN_ROWS + 5, proj.scales.shape[1] * proj.group_size))
+    labels = graph_labels(proj(chunk))
+    assert "Matmul" in labels and "QuantizedMatmul" not in labels
+    assert "QuantizedMatmul" in graph_labels(proj(chunk[:, :1]))  # decode keeps the packed product
+    reference = nn.QuantizedLinear.__call__(proj, chunk)
+    assert mx.allclose(proj(chunk), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_4bit):
+    """A 4-bit model: a prompt prefilled in one chunk (dequantized products) and
+    token by token (packed products) gives the same next-token logits."""
+    text_model = e2b_4bit.language_model
+    ids = mx.array(np.arange(3, 3 + 80, dtype=np.int32)[None])
+    whole = text_model(ids)[:, -1]
+    cache = text_model.make_cache()
+    for t in range(ids.shape[1]):
+        stepped = text_model(ids[:, t:t + 1], cache)[:, -1]
+    scale = mx.abs(whole).max().item()
+    assert mx.abs(whole - stepped).max().item() / scale < 1e-4
