@@ -103,6 +103,16 @@ class QuantizedExpertLinear(nn.Module):
         return cls(q, scales, biases, group_size, bits, mode)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        if not sorted_indices and mx.default_device() == mx.cpu:
+            # MLX's CPU gather_qmm reads ~5x slower than its quantized_matmul
+            # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
+            # copy below): for a few tokens, copying out the chosen experts and
+            # one batched product is faster. GPUs keep the gather kernel.
+            biases = self.get("biases")
+            return mx.quantized_matmul(
+                x, self.weight[indices], self.scales[indices], None if biases is None else biases[indices],
+                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+            )
         return mx.gather_qmm(
             x, self.weight, self.scales, self.get("biases"), lhs_indices=_row_indices(x.shape[:-2]),
             rhs_indices=indices, transpose=True,

@@ -58,6 +58,11 @@ def test_cast_never_grows_packed_weights_nor_makes_towers_float16():
     assert up["language_model.model.layers.0.mlp.up_proj.scales"].dtype == mx.bfloat16  # would grow
     assert up["language_model.model.layers.0.input_layernorm.weight"].dtype == mx.float32
     assert up["language_model.model.embed_tokens_per_layer.weight"].dtype == mx.bfloat16  # lookup only
+    head = {"language_model.model.embed_tokens.weight": mx.zeros((16, 1), mx.uint32),
+            "language_model.model.embed_tokens.scales": mx.zeros((16, 1), mx.bfloat16)}
+    # A tied quantized embedding is the LM head: its scales would be cast every step.
+    assert precision.cast_weights(head, mx.float32, True)["language_model.model.embed_tokens.scales"].dtype == mx.float32
+    assert precision.cast_weights(head, mx.float32, False)["language_model.model.embed_tokens.scales"].dtype == mx.bfloat16
     down = precision.cast_weights(weights, mx.float16, tied_embedding=True)
     assert down["vision_tower.proj.weight"].dtype == mx.float32
     assert down["language_model.model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
@@ -194,8 +199,9 @@ def e2b_4bit(tiny_checkpoint, tmp_path_factory):
     return load_model(out)
 
 
-def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b_4bit):
+def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b_4bit, monkeypatch):
     import mlx.nn as nn
+    from mlx_gemma4 import quantized
     from mlx_gemma4.quantized import DEQUANTIZE_MIN_ROWS, QuantizedLinear
 
     layer = e2b_4bit.language_model.model.layers[0]
@@ -206,6 +212,8 @@ def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b
     assert "Matmul" in labels and "QuantizedMatmul" not in labels
     assert "QuantizedMatmul" in graph_labels(proj(chunk[:, :1]))  # decode keeps the packed product
     reference = nn.QuantizedLinear.__call__(proj, chunk)
+    assert mx.allclose(proj(chunk), reference, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(quantized, "DEQUANTIZE_MAX_WEIGHTS", proj.weight.shape[1] * 8 * 5)  # 5 rows per block
     assert mx.allclose(proj(chunk), reference, rtol=1e-5, atol=1e-6)
 
 
@@ -220,3 +228,21 @@ def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_
         stepped = text_model(ids[:, t:t + 1], cache)[:, -1]
     scale = mx.abs(whole).max().item()
     assert mx.abs(whole - stepped).max().item() / scale < 1e-4
+
+
+def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(tiny_checkpoint, tmp_path):
+    from convert import convert
+
+    out = tmp_path / "moe4"
+    convert(tiny_checkpoint("26b", with_towers=False), out, quantize=True, q_bits=4, q_group_size=32,
+            report=False, progress=False, log=lambda *a: None)
+    layer = load_model(out).language_model.model.layers[0]
+    proj = layer.experts.switch_glu.down_proj
+    assert "scales" in proj
+    x = mx.random.normal((1, 1, 1, 1, proj.scales.shape[-1] * proj.group_size))
+    indices = mx.array([[[0, 3]]], dtype=mx.uint32)
+    labels = graph_labels(proj(x, indices, sorted_indices=False))
+    assert "GatherQMM" not in labels and "QuantizedMatmul" in labels
+    reference = mx.gather_qmm(x, proj.weight, proj.scales, proj.get("biases"), rhs_indices=indices,
+                              transpose=True, group_size=proj.group_size, bits=proj.bits)
+    assert mx.array_equal(proj(x, indices, sorted_indices=False), reference)

@@ -1,0 +1,30 @@
+"""The benchmark's quick mode runs end to end, so it cannot rot.
+
+It builds (or reuses, from benchmarks/.cache) random real-geometry checkpoints,
+converts them with our converter and times mlx_gemma4 and mlx-vlm on them; the
+figures themselves are not checked, only that both runtimes produced them.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_times_both_runtimes_on_every_geometry(tmp_path):
+    out = tmp_path / "quick.json"
+    run = subprocess.run([sys.executable, "benchmarks/bench.py", "--quick", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["geometry"], r["runtime"]) for r in results} == {
+        (g, rt) for g in ("e2b", "26b-a4b") for rt in ("mlx_gemma4", "mlx_vlm")}
+    for r in results:
+        figures = [r["decode_tok_s"], r["run_peak_gb"], r["ceiling_share"], *r["ttft_s"].values()]
+        assert all(math.isfinite(x) and x > 0 for x in figures), r
+        assert len(r["tokens"]) == 4  # the first token and 3 decoded
+    header = run.stdout.splitlines()[0]
+    assert "mlx_gemma4" in header and "mlx-vlm" in header and "ratio" in header
