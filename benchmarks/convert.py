@@ -2,7 +2,7 @@
 """Benchmark the converter: wall time and peak RSS of `mlx_gemma4.convert` next to
 mlx-vlm's converter, on the same random bfloat16 checkpoint in real Gemma 4 geometry.
 
-The input checkpoints are the ones `benchmarks/bench.py` builds and caches
+The input checkpoints are the ones `benchmarks/checkpoints.py` builds and caches
 (`benchmarks/.cache/`, text-only, real widths, `--layers` of them). Each
 conversion runs in its own process, so its peak RSS is its own (read with
 `os.wait4`). Both quantize to the same bits and group size; ours skips the
@@ -28,7 +28,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import ensure_checkpoint  # noqa: E402  (the random-checkpoint builder)
+from checkpoints import ensure_checkpoint  # noqa: E402  (the random-checkpoint builder)
 
 # Real widths, fewer layers: a 35-layer E2B input is ~10 GB and mlx-vlm's converter
 # holds the whole model in memory, too much beside other jobs on a 24 GB machine.

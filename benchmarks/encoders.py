@@ -31,8 +31,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py, next to this file
-from bench import GB, ROOT, build_checkpoint, cached_build, cut_layers, log, machine, parameter_shapes, \
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkpoints.py, next to this file
+from checkpoints import GB, ROOT, build_checkpoint, cached_build, cut_layers, log, machine, parameter_shapes, \
     random_tensor, real_text_config  # noqa: E402
 from mlx_gemma4.audio import valid_rows  # noqa: E402
 from mlx_gemma4.audio_features import AudioFeatureExtractor  # noqa: E402
@@ -74,7 +74,7 @@ def checkpoint_config(geometry: str, config_dir: Path, vision_layers: Optional[i
 
 
 def random_weight(name: str, shape: Tuple[int, ...]) -> mx.array:
-    """bench.py's random bfloat16 weight; the 0-d ClippableLinear bounds get ±`CLIP_BOUND`."""
+    """checkpoints.py's random bfloat16 weight; the 0-d ClippableLinear bounds get ±`CLIP_BOUND`."""
     if not shape:
         return mx.array(-CLIP_BOUND if name.endswith("_min") else CLIP_BOUND, dtype=mx.bfloat16)
     return random_tensor(shape)

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench import GEOMETRIES, _COMMON, cut_layers, real_text_config  # noqa: E402
+from checkpoints import GEOMETRIES, _COMMON, cut_layers, real_text_config  # noqa: E402
+from mlx_gemma4 import precision  # noqa: E402
 from mlx_gemma4.config import FULL, SLIDING, ModelConfig  # noqa: E402
 from mlx_gemma4.fusion import fuse  # noqa: E402
 from mlx_gemma4.model import Model  # noqa: E402
@@ -88,7 +89,10 @@ def ours(text: dict) -> nn.Module:
     model = Model(ModelConfig.from_dict({"model_type": "gemma4", "text_config": text,
                                          "vision_config": None, "audio_config": None}))
     nn.quantize(model, group_size=GROUP, bits=BITS, class_predicate=_quantizable)
+    # As the loader does: the stored bfloat16, then the device policy's casts.
     model.set_dtype(mx.bfloat16)
+    params = precision.cast_weights(dict(tree_flatten(model.parameters())), mx.bfloat16, text["tie_word_embeddings"])
+    model.load_weights(list(params.items()))
     model.language_model.model.compute_dtype = mx.bfloat16
     return model
 
