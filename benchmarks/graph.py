@@ -13,7 +13,8 @@ expert counts, fewer layers), this prints:
   packed 4-bit weights with 16-bit scales, each read once.
 
 Both models compute in bfloat16 here (the checkpoint's dtype, which is what
-the device policy picks on a GPU). Usage:
+the device policy picks on a GPU), and ours takes its GPU route where the
+layers branch on the backend (`precision.cpu_backend`). Usage:
 
     python benchmarks/graph.py [--geometry e2b 26b-a4b 31b] [--layers N] [--json out.json]
 """
@@ -160,8 +161,12 @@ def count_step(model: nn.Module) -> dict:
     mx.eval(_logits(model, mx.arange(1, CONTEXT + 1)[None], cache))
     mx.eval([c.state for c in cache])
     fast: list = []
-    with fast_op_census(fast):
-        out = mx.argmax(_logits(model, mx.array([[7]]), cache)[:, -1], axis=-1)
+    on_cpu, precision.cpu_backend = precision.cpu_backend, lambda: False  # build the layers' GPU route
+    try:
+        with fast_op_census(fast):
+            out = mx.argmax(_logits(model, mx.array([[7]]), cache)[:, -1], axis=-1)
+    finally:
+        precision.cpu_backend = on_cpu
     counts = _labels(out)
     mx.eval(out)
     kernels = Counter({k: n for k, n in counts.items() if k not in VIEWS})

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import precision
 from .config import TextConfig
 from .kernels import geglu
 
@@ -103,7 +104,7 @@ class QuantizedExpertLinear(nn.Module):
         return cls(q, scales, biases, group_size, bits, mode)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        if not sorted_indices and mx.default_device() == mx.cpu:
+        if not sorted_indices and precision.cpu_backend():
             # MLX's CPU gather_qmm reads ~5x slower than its quantized_matmul
             # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
             # copy below): for a few tokens, copying out the chosen experts and
@@ -166,7 +167,7 @@ class Experts(nn.Module):
     def use_float32_on_cpu(self) -> None:
         """MLX's CPU `gather_mm` accepts only float32 (`gather_qmm` accepts any
         float type): on the CPU, unquantized expert stacks are kept in float32."""
-        if self.quantized or mx.default_device() != mx.cpu:
+        if self.quantized or not precision.cpu_backend():
             return
         for proj in self.switch_glu.children().values():
             proj.weight = proj.weight.astype(mx.float32)

@@ -33,6 +33,13 @@ _EMBED = "language_model.model.embed_tokens."
 _PLE_TABLE = "language_model.model.embed_tokens_per_layer."
 
 
+def cpu_backend() -> bool:
+    """Whether arrays are computed on MLX's CPU backend, where some kernels
+    (`quantized_matmul` over many rows, `gather_qmm`) are slow and the layers
+    take another route. `benchmarks/graph.py` patches it to count the GPU graph."""
+    return mx.default_device() == mx.cpu
+
+
 def checkpoint_dtype(weights: Dict[str, mx.array]) -> mx.Dtype:
     """The text model's stored float dtype (read off the token embedding)."""
     for name in (_EMBED + "scales", _EMBED + "weight"):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import precision
+
 DEQUANTIZE_MIN_ROWS = 64
 # Dequantize at most this many weights at once (4 MB in float32; MLX's CPU
 # dequantize holds a few temporaries of that size). Measured on E2B (10 layers,
@@ -30,7 +32,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
-        if rows < DEQUANTIZE_MIN_ROWS or mx.default_device() != mx.cpu:
+        if rows < DEQUANTIZE_MIN_ROWS or not precision.cpu_backend():
             return super().__call__(x)
         weight, scales, biases = self["weight"], self["scales"], self.get("biases")
         in_features = x.shape[-1]

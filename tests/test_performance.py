@@ -215,6 +215,8 @@ def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b
     assert mx.allclose(proj(chunk), reference, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(quantized, "DEQUANTIZE_MAX_WEIGHTS", proj.weight.shape[1] * 8 * 5)  # 5 rows per block
     assert mx.allclose(proj(chunk), reference, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # GPUs multiply packed weights
+    assert "QuantizedMatmul" in graph_labels(proj(chunk))
 
 
 def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_4bit):
@@ -230,7 +232,7 @@ def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_
     assert mx.abs(whole - stepped).max().item() / scale < 1e-4
 
 
-def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(tiny_checkpoint, tmp_path):
+def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(tiny_checkpoint, tmp_path, monkeypatch):
     from convert import convert
 
     out = tmp_path / "moe4"
@@ -245,4 +247,7 @@ def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(tiny_checkp
     assert "GatherQMM" not in labels and "QuantizedMatmul" in labels
     reference = mx.gather_qmm(x, proj.weight, proj.scales, proj.get("biases"), rhs_indices=indices,
                               transpose=True, group_size=proj.group_size, bits=proj.bits)
+    assert mx.array_equal(proj(x, indices, sorted_indices=False), reference)
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route gathers in the kernel
+    assert "GatherQMM" in graph_labels(proj(x, indices, sorted_indices=False))
     assert mx.array_equal(proj(x, indices, sorted_indices=False), reference)
