@@ -113,8 +113,10 @@ def _logits(model: nn.Module, tokens: mx.array, cache: list) -> mx.array:
     return getattr(out, "logits", out)
 
 
-# Primitives that are views on Metal (no kernel launch) when their input is contiguous.
-VIEWS = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "Slice", "Split", "Flatten", "Unflatten"}
+# Primitives that launch no kernel on Metal: views when their input is contiguous,
+# and StopGradient (it shares its input's buffer).
+VIEWS = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "Slice", "Split", "Flatten", "Unflatten",
+         "StopGradient"}
 # Ops that Metal runs as one kernel and the CPU backend builds from ~10-30 primitives.
 FAST = ((mx.fast, "rms_norm"), (mx.fast, "rope"), (mx.fast, "scaled_dot_product_attention"), (mx, "dequantize"))
 

@@ -52,7 +52,8 @@ class Router(nn.Module):
         logits = self.proj(z).astype(mx.float32)
         # Top-k of the logits is the top-k of the softmax; renormalising the
         # softmax over the chosen k equals a softmax over their logits.
-        experts = mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k:]
+        # Integer choices carry no gradient (training would otherwise ask the gathers for one).
+        experts = mx.stop_gradient(mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k:])
         weights = mx.softmax(mx.take_along_axis(logits, experts, axis=-1), axis=-1)
         return experts, weights * self.per_expert_scale[experts]
 

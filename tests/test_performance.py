@@ -251,3 +251,24 @@ def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(tiny_checkp
     monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route gathers in the kernel
     assert "GatherQMM" in graph_labels(proj(x, indices, sorted_indices=False))
     assert mx.array_equal(proj(x, indices, sorted_indices=False), reference)
+
+
+def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_checkpoint):
+    """Without the constants `fuse` stores (models built by hand, as in
+    benchmarks/train_small.py), they are rebuilt every call, so gradients reach
+    the q/k norm weights and the router's scale."""
+    import mlx.nn as nn
+
+    model = load_model(tiny_checkpoint("26b", with_towers=False)).language_model
+    for layer in model.model.layers:
+        layer.self_attn._stacked_norm_weight = None
+        layer.router._norm_weight = None
+    ids = mx.array([[3, 7, 11, 5]])
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(ids)[:, :-1], ids[:, 1:]).mean()
+
+    _, grads = nn.value_and_grad(model, loss)(model)
+    layer = grads["model"]["layers"][0]
+    for g in (layer["self_attn"]["q_norm"]["weight"], layer["self_attn"]["k_norm"]["weight"], layer["router"]["scale"]):
+        assert mx.abs(g).max().item() > 0
