@@ -178,6 +178,10 @@ def load_model(
         raise CheckpointError(str(e)) from None
     weights = precision.cast_weights(weights, compute, config.text_config.tie_word_embeddings)
     model.load_weights(list(weights.items()), strict=False)
+    # The model holds what it needs; the dict would keep the sources of every
+    # fused or cast tensor alive through the evaluation below (26B-A4B 4L:
+    # peak 3.53 GB instead of 2.31 GB).
+    del weights
     model.language_model.model.compute_dtype = compute
     fuse(model)
     for layer in model.language_model.model.layers:
