@@ -35,7 +35,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from checkpoints import GB, GEOMETRIES, ROOT, cached_build, ensure_checkpoint, log, machine  # noqa: E402
+from checkpoints import GB, GEOMETRIES, ROOT, cached_build, ensure_checkpoint, log, machine, mlx_vlm_view  # noqa: E402,E501
 
 from convert import convert  # noqa: E402
 from mlx_gemma4 import precision  # noqa: E402
@@ -67,12 +67,7 @@ class Runtime:
 
 def ours(dtype: Optional[str]) -> Runtime:
     def load(folder: Path):
-        model = load_model(folder, dtype=dtype, lazy=True, text_only=True)
-        # One tensor at a time: a single eval of everything holds the stored and
-        # cast copies together (see RESULTS.md).
-        for _, p in sorted(tree_flatten(model.parameters()), key=lambda item: -item[1].nbytes):
-            mx.eval(p)
-        return model
+        return load_model(folder, dtype=dtype, text_only=True)  # evaluates one tensor at a time
 
     def stream(model, prompt, n, chunk):
         return islice(generate_tokens(model, prompt, prefill_step_size=chunk), n)
@@ -93,20 +88,6 @@ def mlx_vlm() -> Runtime:
         return ((int(token), logprobs) for token, logprobs in steps)
 
     return Runtime("mlx_vlm", load, stream, 2)  # bfloat16 caches, as shipped
-
-
-def mlx_vlm_view(folder: Path, into: Path) -> Path:
-    """`folder` as mlx-vlm reads it: its config parser rejects the explicit
-    `"vision_config": null` of a text-only config, so those keys are dropped
-    (the weight files are linked, not copied)."""
-    into.mkdir()
-    config = json.loads((folder / "config.json").read_text())
-    config = {k: v for k, v in config.items() if not (k.endswith("_config") and v is None)}
-    (into / "config.json").write_text(json.dumps(config, indent=2))
-    for file in folder.iterdir():
-        if file.name != "config.json":
-            (into / file.name).symlink_to(file.resolve())
-    return into
 
 
 def converted(source: Path, bits: int, group_size: int, recipe: str) -> Path:
@@ -250,7 +231,6 @@ def benchmark(runtime: Runtime, folder: Path, geometry: str, text: TextConfig, a
     mx.reset_peak_memory()
     start = time.perf_counter()
     model = runtime.load(folder)
-    mx.eval(model.parameters())  # a lazy loader must not defer its reads into the first prompt
     result = Result(geometry, runtime.name, text.num_hidden_layers, text.num_kv_shared_layers, args.bits,
                     load_s=time.perf_counter() - start, load_peak_gb=mx.get_peak_memory() / GB)
     log(f"{geometry} {runtime.name}: loaded in {result.load_s:.1f} s")

@@ -251,6 +251,20 @@ def cached_build(stem: Path, key: list, build: Callable[[Path], None]) -> Path:
     return folder
 
 
+def mlx_vlm_view(folder: Path, into: Path) -> Path:
+    """`folder` as mlx-vlm reads it: its config parser rejects the explicit
+    `"vision_config": null` of a text-only config, so those keys are dropped
+    (the weight files are linked, not copied)."""
+    into.mkdir()
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not (k.endswith("_config") and v is None)}
+    (into / "config.json").write_text(json.dumps(config, indent=2))
+    for file in folder.iterdir():
+        if file.name != "config.json":
+            (into / file.name).symlink_to(file.resolve())
+    return into
+
+
 # ---------------------------------------------------------------------------
 # Shared reporting helpers
 

@@ -28,7 +28,7 @@ from typing import Dict, List
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checkpoints import ensure_checkpoint  # noqa: E402  (the random-checkpoint builder)
+from checkpoints import ensure_checkpoint, mlx_vlm_view  # noqa: E402  (the random-checkpoint builder)
 
 # Real widths, fewer layers: a 35-layer E2B input is ~10 GB and mlx-vlm's converter
 # holds the whole model in memory, too much beside other jobs on a 24 GB machine.
@@ -47,15 +47,8 @@ MLX_VLM = (
 
 
 def mlx_vlm_input(src: Path, folder: Path) -> Path:
-    """`src` as mlx-vlm can read it: its gemma4 config parser fails on the explicit
-    `"vision_config": null` of a text-only config, so drop those keys (shards are linked)."""
-    folder.mkdir()
-    config = json.loads((src / "config.json").read_text())
-    config = {k: v for k, v in config.items() if not (k.endswith("_config") and v is None)}
-    (folder / "config.json").write_text(json.dumps(config))
-    for file in src.iterdir():
-        if file.name != "config.json":
-            (folder / file.name).symlink_to(file)
+    """`src` as mlx-vlm's converter can read it (see `checkpoints.mlx_vlm_view`)."""
+    mlx_vlm_view(src, folder)
     # mlx-vlm's converter also saves the processor, so it needs tokenizer files;
     # the test suite's tiny tokenizer serves (ids are never looked up).
     sys.path.insert(0, str(ROOT / "tests"))

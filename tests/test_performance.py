@@ -37,6 +37,25 @@ def moe(tiny_checkpoint):
     return load_model(tiny_checkpoint("26b", with_towers=False))
 
 
+@pytest.fixture(scope="module")
+def four_bit(tiny_checkpoint, tmp_path_factory):
+    """Factory: `four_bit(variant, dtype)`, the text-only tiny checkpoint stored in
+    `dtype` and converted to 4 bits (group 32), converted once per module."""
+    from convert import convert
+
+    built = {}
+
+    def get(variant: str, dtype: str = "float32") -> Path:
+        if (variant, dtype) not in built:
+            out = tmp_path_factory.mktemp("q4") / f"{variant}-{dtype}"
+            convert(tiny_checkpoint(variant, dtype=dtype, with_towers=False), out, quantize=True, q_bits=4,
+                    q_group_size=32, report=False, progress=False, log=lambda *a: None)
+            built[variant, dtype] = out
+        return built[variant, dtype]
+
+    return get
+
+
 def test_auto_policy_computes_in_float32_on_cpu_and_in_the_checkpoint_dtype_on_gpu():
     assert precision.compute_dtype(None, mx.bfloat16, mx.Device(mx.cpu)) == mx.float32
     assert precision.compute_dtype("auto", mx.bfloat16, mx.Device(mx.gpu)) == mx.bfloat16
@@ -69,14 +88,10 @@ def test_cast_never_grows_packed_weights_nor_makes_towers_float16():
 
 
 @pytest.mark.parametrize("variant", ["e2b", "26b"])
-def test_auto_policy_greedy_equals_float32_reference(tiny_checkpoint, tmp_path, variant):
+def test_auto_policy_greedy_equals_float32_reference(four_bit, variant):
     """A 4-bit bfloat16 checkpoint: the default (auto) load decodes exactly as an
     explicit float32 load, in float32 activations."""
-    from convert import convert
-
-    out = tmp_path / "q4"
-    convert(tiny_checkpoint(variant, dtype="bfloat16", with_towers=False), out, quantize=True, q_bits=4,
-            q_group_size=32, report=False, progress=False, log=lambda *a: None)
+    out = four_bit(variant, "bfloat16")
     auto, reference = load_model(out), load_model(out, dtype="float32")
     ids = np.arange(4, 28, dtype=np.int32)[None]
     assert auto.language_model.model.embed(mx.array(ids)).dtype == mx.float32
@@ -190,13 +205,8 @@ def test_expert_gathers_build_no_index_arrays_per_step(moe):
 
 
 @pytest.fixture(scope="module")
-def e2b_4bit(tiny_checkpoint, tmp_path_factory):
-    from convert import convert
-
-    out = tmp_path_factory.mktemp("q4") / "e2b"
-    convert(tiny_checkpoint("e2b", with_towers=False), out, quantize=True, q_bits=4, q_group_size=32,
-            report=False, progress=False, log=lambda *a: None)
-    return load_model(out)
+def e2b_4bit(four_bit):
+    return load_model(four_bit("e2b"))
 
 
 def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b_4bit, monkeypatch):
@@ -232,13 +242,8 @@ def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_
     assert mx.abs(whole - stepped).max().item() / scale < 1e-4
 
 
-def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(tiny_checkpoint, tmp_path, monkeypatch):
-    from convert import convert
-
-    out = tmp_path / "moe4"
-    convert(tiny_checkpoint("26b", with_towers=False), out, quantize=True, q_bits=4, q_group_size=32,
-            report=False, progress=False, log=lambda *a: None)
-    layer = load_model(out).language_model.model.layers[0]
+def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(four_bit, monkeypatch):
+    layer = load_model(four_bit("26b")).language_model.model.layers[0]
     proj = layer.experts.switch_glu.down_proj
     assert "scales" in proj
     x = mx.random.normal((1, 1, 1, 1, proj.scales.shape[-1] * proj.group_size))
@@ -274,17 +279,13 @@ def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_c
         assert mx.abs(g).max().item() > 0
 
 
-def test_loading_peaks_at_the_loaded_weights(tiny_checkpoint, tmp_path):
+def test_loading_peaks_at_the_loaded_weights(four_bit):
     """Fusion and casts make new tensors from the stored ones; evaluating them
     one at a time, with nothing else holding the stored ones, keeps the load
     peak at the size of what is loaded (it was 1.46x on this checkpoint)."""
     from mlx.utils import tree_flatten
 
-    from convert import convert
-
-    out = tmp_path / "moe4"
-    convert(tiny_checkpoint("26b", dtype="bfloat16", with_towers=False), out, quantize=True, q_bits=4,
-            q_group_size=32, report=False, progress=False, log=lambda *a: None)
+    out = four_bit("26b", "bfloat16")
     mx.clear_cache()
     mx.reset_peak_memory()
     before = mx.get_active_memory()
