@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from . import precision
 from .config import ModelConfig
 from .fusion import fuse
-from .quantized import use_dequantizing_prefill
+from .quantized import use_cpu_routes
 from .model import Model
 from .processor import Processor
 
@@ -126,7 +126,7 @@ def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) ->
         return override if isinstance(override, dict) else True
 
     nn.quantize(model, **defaults, class_predicate=predicate)
-    use_dequantizing_prefill(model)
+    use_cpu_routes(model)
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:

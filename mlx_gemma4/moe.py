@@ -18,6 +18,7 @@ import mlx.nn as nn
 from . import precision
 from .config import TextConfig
 from .kernels import geglu
+from . import quantized
 
 # Sorting tokens by expert makes the gathered weight reads contiguous; it pays
 # off once there are more (token, expert) pairs than a decode step has.
@@ -109,17 +110,51 @@ class QuantizedExpertLinear(nn.Module):
             # MLX's CPU gather_qmm reads ~5x slower than its quantized_matmul
             # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
             # copy below): for a few tokens, copying out the chosen experts and
-            # one batched product is faster. GPUs keep the gather kernel.
-            biases = self.get("biases")
-            return mx.quantized_matmul(
-                x, self.weight[indices], self.scales[indices], None if biases is None else biases[indices],
-                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-            )
+            # batched products, the experts shared out over the CPU streams
+            # (see `quantized`), is faster. GPUs keep the gather kernel.
+            return self._copied_experts_matmul(x, indices)
+        if precision.cpu_backend():
+            return self._split_sorted_gather(x, indices)
         return mx.gather_qmm(
             x, self.weight, self.scales, self.get("biases"), lhs_indices=_row_indices(x.shape[:-2]),
             rhs_indices=indices, transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
+
+    def _split_sorted_gather(self, x: mx.array, indices: mx.array) -> mx.array:
+        """The sorted gather with its rows shared out over the CPU streams. MLX
+        casts the scales and biases of the whole stack to the activations'
+        dtype in every call; cast here once, the streams share one copy."""
+        scales = self.scales.astype(x.dtype)
+        biases = self.get("biases")
+        biases = None if biases is None else biases.astype(x.dtype)
+        streams = quantized.cpu_streams()
+        rows = x.shape[0]
+        bounds = [rows * lane // len(streams) for lane in range(1, len(streams))]
+        parts = [
+            mx.gather_qmm(part_x, self.weight, scales, biases, lhs_indices=_row_indices(part_x.shape[:-2]),
+                          rhs_indices=part_indices, transpose=True, group_size=self.group_size, bits=self.bits,
+                          mode=self.mode, sorted_indices=True, stream=stream)
+            for part_x, part_indices, stream in zip(mx.split(x, bounds), mx.split(indices, bounds), streams)
+        ]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+
+    def _copied_experts_matmul(self, x: mx.array, indices: mx.array) -> mx.array:
+        biases, k = self.get("biases"), indices.shape[-1]
+        streams = quantized.cpu_streams()[:k]
+        bounds = [k * lane // len(streams) for lane in range(1, len(streams))]
+        # After the up projection x has one row per chosen expert, before it one per token.
+        xs = mx.split(x, bounds, axis=-3) if x.shape[-3] == k else [x] * len(streams)
+        parts = []
+        for part_x, chosen, stream in zip(xs, mx.split(indices, bounds, axis=-1), streams):
+            def copy(a):
+                return None if a is None else mx.take(a, chosen, axis=0, stream=stream)
+
+            parts.append(mx.quantized_matmul(
+                part_x, copy(self.weight), copy(self.scales), copy(biases), transpose=True,
+                group_size=self.group_size, bits=self.bits, mode=self.mode, stream=stream,
+            ))
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-3)
 
 
 class ExpertGLU(nn.Module):

@@ -11,10 +11,9 @@ Only what a kernel reads per token follows the compute dtype:
   embedding, which doubles as the LM head) and 1-D tensors (norms, scalars);
 - never the packed quantized weights; their scales/biases only when that does
   not grow them (float32 activations with bfloat16 scales run at float32 speed,
-  measured: 12.6 ms vs 14.0 ms for a 4096x2048 4-bit matmul), except for a tied
-  quantized embedding: as the LM head, the CPU would cast its scales and biases
-  to float32 in every step (a 51 MB transient for E2B, twice what storing them
-  in float32 adds);
+  measured: 12.6 ms vs 14.0 ms for a 4096x2048 4-bit matmul; MLX casts them per
+  call, which the CPU route in `quantized` bounds to a few MB by splitting
+  large products, the tied LM head included);
 - never a lookup-only embedding table (the PLE table, an untied embedding):
   its rows are cast after the lookup (`TextModel.compute_dtype`);
 - never the vision/audio towers to float16 (their activations overflow it);
@@ -76,8 +75,7 @@ def cast_weights(weights: Dict[str, mx.array], dtype: mx.Dtype, tied_embedding: 
             return value.dtype if dtype == mx.float16 else dtype
         module = name[: name.rfind(".") + 1]
         if module in quantized:
-            lm_head = module == _EMBED and tied_embedding
-            return value.dtype if dtype.size > value.dtype.size and not lm_head else dtype
+            return value.dtype if dtype.size > value.dtype.size else dtype
         lookup_only = module == _PLE_TABLE or (module == _EMBED and not tied_embedding)
         return value.dtype if lookup_only and value.ndim == 2 else dtype
 

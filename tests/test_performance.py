@@ -79,9 +79,8 @@ def test_cast_never_grows_packed_weights_nor_makes_towers_float16():
     assert up["language_model.model.embed_tokens_per_layer.weight"].dtype == mx.bfloat16  # lookup only
     head = {"language_model.model.embed_tokens.weight": mx.zeros((16, 1), mx.uint32),
             "language_model.model.embed_tokens.scales": mx.zeros((16, 1), mx.bfloat16)}
-    # A tied quantized embedding is the LM head: its scales would be cast every step.
-    assert precision.cast_weights(head, mx.float32, True)["language_model.model.embed_tokens.scales"].dtype == mx.float32
-    assert precision.cast_weights(head, mx.float32, False)["language_model.model.embed_tokens.scales"].dtype == mx.bfloat16
+    for tied in (True, False):  # the LM head's per-call casts are bounded by splitting (`quantized`)
+        assert precision.cast_weights(head, mx.float32, tied)["language_model.model.embed_tokens.scales"].dtype == mx.bfloat16
     down = precision.cast_weights(weights, mx.float16, tied_embedding=True)
     assert down["vision_tower.proj.weight"].dtype == mx.float32
     assert down["language_model.model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
@@ -256,6 +255,40 @@ def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(four_bit, m
     monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route gathers in the kernel
     assert "GatherQMM" in graph_labels(proj(x, indices, sorted_indices=False))
     assert mx.array_equal(proj(x, indices, sorted_indices=False), reference)
+
+
+def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, four_bit, monkeypatch):
+    """Each CPU stream has its own thread: packed products, the tied LM head and
+    the expert gathers are split over them, with results equal to one kernel's."""
+    import mlx.nn as nn
+    from mlx_gemma4 import quantized
+
+    streams = (None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    monkeypatch.setattr(quantized, "MIN_WEIGHTS_PER_PART", 1)
+    proj = e2b_4bit.language_model.model.layers[0].mlp.gate_up_proj
+    x = mx.random.normal((1, 1, proj.scales.shape[1] * proj.group_size))
+    assert graph_labels(proj(x)).count("QuantizedMatmul") == len(streams)
+    assert mx.array_equal(proj(x), nn.QuantizedLinear.__call__(proj, x))
+    head = e2b_4bit.language_model.model.embed_tokens
+    assert isinstance(head, quantized.QuantizedEmbedding)
+    assert graph_labels(head.as_linear(x)).count("QuantizedMatmul") == len(streams)
+    assert mx.array_equal(head.as_linear(x), nn.QuantizedEmbedding.as_linear(head, x))
+
+    experts = load_model(four_bit("26b")).language_model.model.layers[0].experts.switch_glu.gate_up_proj
+    rows = 7
+    x = mx.random.normal((rows, 1, experts.scales.shape[-1] * experts.group_size))
+    indices = mx.sort(mx.random.randint(0, experts.weight.shape[0], (rows,)).astype(mx.uint32))
+    labels = graph_labels(experts(x, indices, sorted_indices=True))
+    assert labels.count("GatherQMM") == len(streams)
+    reference = mx.gather_qmm(x, experts.weight, experts.scales, experts.get("biases"), rhs_indices=indices,
+                              transpose=True, group_size=experts.group_size, bits=experts.bits, sorted_indices=True)
+    assert mx.array_equal(experts(x, indices, sorted_indices=True), reference)
+    token, chosen = x[None, :1], indices[None, :len(streams)]  # one token, unsorted: copied experts
+    assert graph_labels(experts(token, chosen, sorted_indices=False)).count("QuantizedMatmul") == len(streams)
+    reference = mx.gather_qmm(token, experts.weight, experts.scales, experts.get("biases"), rhs_indices=chosen,
+                              transpose=True, group_size=experts.group_size, bits=experts.bits)
+    assert mx.array_equal(experts(token, chosen, sorted_indices=False), reference)
 
 
 def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_checkpoint):
