@@ -40,7 +40,7 @@ DEQUANTIZE_MAX_WEIGHTS = 1 << 19
 # 4-bit matrix is slower split in two, a 256x1536 one 1.4x faster). The upper
 # one bounds what a part casts: MLX casts bfloat16 scales and biases to the
 # activations' float32 per call (2 MB per 16 M weights). Measured on E2B (10
-# layers, 32-token prompt): peak above mlx-vlm's 0.91 / 0.93 / 0.96 GB with
+# layers, 32-token prompt; mlx-vlm 0.90 GB): peak 0.91 / 0.93 / 0.96 GB with
 # 4 M / 16 M / 64 M, decode 2.0 / 2.1-2.3 / 2.4 tok/s (runs vary by ~10 %).
 MIN_WEIGHTS_PER_PART = 1 << 17
 MAX_WEIGHTS_PER_PART = 1 << 24
