@@ -67,10 +67,12 @@ def cast_weights(weights: Dict[str, mx.array], dtype: mx.Dtype, tied_embedding: 
     quantized = {k[: -len("scales")] for k in weights if k.endswith(".scales")}
 
     def target(name: str, value: mx.array) -> mx.Dtype:
-        if not mx.issubdtype(value.dtype, mx.floating) or value.dtype == dtype:
+        if not mx.issubdtype(value.dtype, mx.floating):
             return value.dtype
-        if ".router." in name:
+        if ".router." in name:  # also when the compute dtype is the stored one (a GPU)
             return mx.float32
+        if value.dtype == dtype:
+            return value.dtype
         if name.startswith(_TOWERS):
             return value.dtype if dtype == mx.float16 else dtype
         module = name[: name.rfind(".") + 1]

@@ -81,6 +81,9 @@ def test_cast_never_grows_packed_weights_nor_makes_towers_float16():
             "language_model.model.embed_tokens.scales": mx.zeros((16, 1), mx.bfloat16)}
     for tied in (True, False):  # the LM head's per-call casts are bounded by splitting (`quantized`)
         assert precision.cast_weights(head, mx.float32, tied)["language_model.model.embed_tokens.scales"].dtype == mx.bfloat16
+    router = {"language_model.model.layers.0.router.proj.weight": mx.zeros((4, 8), mx.bfloat16)}
+    for dtype in (mx.float32, mx.bfloat16):  # bfloat16: a GPU computing in the stored dtype
+        assert precision.cast_weights(router, dtype, True)["language_model.model.layers.0.router.proj.weight"].dtype == mx.float32
     down = precision.cast_weights(weights, mx.float16, tied_embedding=True)
     assert down["vision_tower.proj.weight"].dtype == mx.float32
     assert down["language_model.model.layers.0.mlp.up_proj.scales"].dtype == mx.float16
