@@ -147,13 +147,11 @@ class QuantizedExpertLinear(nn.Module):
         xs = mx.split(x, bounds, axis=-3) if x.shape[-3] == k else [x] * len(streams)
         parts = []
         for part_x, chosen, stream in zip(xs, mx.split(indices, bounds, axis=-1), streams):
-            def copy(a):
-                return None if a is None else mx.take(a, chosen, axis=0, stream=stream)
-
-            parts.append(mx.quantized_matmul(
-                part_x, copy(self.weight), copy(self.scales), copy(biases), transpose=True,
-                group_size=self.group_size, bits=self.bits, mode=self.mode, stream=stream,
-            ))
+            weight, scales, biases_ = (None if a is None else mx.take(a, chosen, axis=0, stream=stream)
+                                       for a in (self.weight, self.scales, biases))
+            parts.append(mx.quantized_matmul(part_x, weight, scales, biases_, transpose=True,
+                                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+                                             stream=stream))
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-3)
 
 

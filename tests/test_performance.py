@@ -294,6 +294,22 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, four_bit
     assert mx.array_equal(experts(token, chosen, sorted_indices=False), reference)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv_heads, monkeypatch):
+    from mlx_gemma4 import attention, quantized
+
+    streams = (None, mx.new_stream(mx.cpu))
+    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    keys = attention.SPLIT_ATTENTION_MIN_KEYS + 3
+    q = mx.random.normal((1, 4, 1, 16))
+    k, v = mx.random.normal((1, kv_heads, keys, 16)), mx.random.normal((1, kv_heads, keys, 16))
+    reference = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
+    assert graph_labels(attention.attend(q, k, v, None)).count("Concatenate") == 1
+    assert mx.allclose(attention.attend(q, k, v, None), reference, rtol=1e-6, atol=1e-6)
+    short = (k[:, :, :8], v[:, :, :8])
+    assert "Concatenate" not in graph_labels(attention.attend(q, *short, None))
+
+
 def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_checkpoint):
     """Without the constants `fuse` stores (models built by hand, as in
     benchmarks/train_small.py), they are rebuilt every call, so gradients reach
