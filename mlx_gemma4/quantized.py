@@ -46,11 +46,17 @@ MIN_WEIGHTS_PER_PART = 1 << 17
 MAX_WEIGHTS_PER_PART = 1 << 24
 
 
+# Each stream has a dequantized block (or a cast part) in flight: the cap bounds
+# that memory on many-core machines (only 2 cores were measured).
+MAX_CPU_STREAMS = 8
+
+
 @lru_cache(maxsize=1)
 def cpu_streams() -> Tuple[Optional[mx.Stream], ...]:
-    """One CPU stream per core this process may use (None: the default stream)."""
+    """One CPU stream per core this process may use, at most `MAX_CPU_STREAMS`
+    (None: the default stream)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(cores - 1))
+    return (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(min(cores, MAX_CPU_STREAMS) - 1))
 
 
 def cpu_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
