@@ -15,10 +15,9 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import precision
+from . import precision, quantized
 from .config import TextConfig
 from .kernels import geglu
-from . import quantized
 
 # Sorting tokens by expert makes the gathered weight reads contiguous; it pays
 # off once there are more (token, expert) pairs than a decode step has.
@@ -106,15 +105,15 @@ class QuantizedExpertLinear(nn.Module):
         return cls(q, scales, biases, group_size, bits, mode)
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        if not sorted_indices and precision.cpu_backend():
+        if precision.cpu_backend():  # GPUs keep the gather kernel
+            if sorted_indices:
+                return self._split_sorted_gather(x, indices)
             # MLX's CPU gather_qmm reads ~5x slower than its quantized_matmul
             # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
             # copy below): for a few tokens, copying out the chosen experts and
             # batched products, the experts shared out over the CPU streams
-            # (see `quantized`), is faster. GPUs keep the gather kernel.
+            # (see `quantized`), is faster.
             return self._copied_experts_matmul(x, indices)
-        if precision.cpu_backend():
-            return self._split_sorted_gather(x, indices)
         return mx.gather_qmm(
             x, self.weight, self.scales, self.get("biases"), lhs_indices=_row_indices(x.shape[:-2]),
             rhs_indices=indices, transpose=True,
@@ -129,20 +128,19 @@ class QuantizedExpertLinear(nn.Module):
         biases = self.get("biases")
         biases = None if biases is None else biases.astype(x.dtype)
         streams = quantized.cpu_streams()
-        rows = x.shape[0]
-        bounds = [rows * lane // len(streams) for lane in range(1, len(streams))]
+        bounds = quantized.split_points(x.shape[0], len(streams))
         parts = [
             mx.gather_qmm(part_x, self.weight, scales, biases, lhs_indices=_row_indices(part_x.shape[:-2]),
                           rhs_indices=part_indices, transpose=True, group_size=self.group_size, bits=self.bits,
                           mode=self.mode, sorted_indices=True, stream=stream)
             for part_x, part_indices, stream in zip(mx.split(x, bounds), mx.split(indices, bounds), streams)
         ]
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        return quantized.join(parts, axis=0)
 
     def _copied_experts_matmul(self, x: mx.array, indices: mx.array) -> mx.array:
         biases, k = self.get("biases"), indices.shape[-1]
         streams = quantized.cpu_streams()[:k]
-        bounds = [k * lane // len(streams) for lane in range(1, len(streams))]
+        bounds = quantized.split_points(k, len(streams))
         # After the up projection x has one row per chosen expert, before it one per token.
         xs = mx.split(x, bounds, axis=-3) if x.shape[-3] == k else [x] * len(streams)
         parts = []
@@ -152,7 +150,7 @@ class QuantizedExpertLinear(nn.Module):
             parts.append(mx.quantized_matmul(part_x, weight, scales, biases_, transpose=True,
                                              group_size=self.group_size, bits=self.bits, mode=self.mode,
                                              stream=stream))
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-3)
+        return quantized.join(parts, axis=-3)
 
 
 class ExpertGLU(nn.Module):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,8 +44,6 @@ DEQUANTIZE_MAX_WEIGHTS = 1 << 19
 # 4 M / 16 M / 64 M, decode 2.0 / 2.1-2.3 / 2.4 tok/s (runs vary by ~10 %).
 MIN_WEIGHTS_PER_PART = 1 << 17
 MAX_WEIGHTS_PER_PART = 1 << 24
-
-
 # Each stream has a dequantized block (or a cast part) in flight: the cap bounds
 # that memory on many-core machines (only 2 cores were measured).
 MAX_CPU_STREAMS = 8
@@ -59,6 +57,16 @@ def cpu_streams() -> Tuple[Optional[mx.Stream], ...]:
     return (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(min(cores, MAX_CPU_STREAMS) - 1))
 
 
+def split_points(size: int, parts: int) -> List[int]:
+    """Indices that cut `size` rows into `parts` runs of near-equal length (for `mx.split`)."""
+    return [size * part // parts for part in range(1, parts)]
+
+
+def join(parts: List[mx.array], axis: int) -> mx.array:
+    """The per-stream results put back together (a lone part is not copied)."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
+
+
 def cpu_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
                          group_size: int, bits: int, mode: str) -> mx.array:
     """`x @ dequantize(weight).T` in blocks of output columns, the blocks dealt
@@ -67,12 +75,13 @@ def cpu_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases
     streams = cpu_streams()
     dequantize = rows >= DEQUANTIZE_MIN_ROWS
     if dequantize:
-        step = max(1, DEQUANTIZE_MAX_WEIGHTS // in_features)
+        step = DEQUANTIZE_MAX_WEIGHTS // in_features
     else:
         per_stream = -(-out_features // len(streams))
         step = min(max(per_stream, MIN_WEIGHTS_PER_PART // in_features), MAX_WEIGHTS_PER_PART // in_features)
+    step = max(step, 1)
     parts, previous = [], {}
-    for i, start in enumerate(range(0, out_features, max(step, 1))):
+    for i, start in enumerate(range(0, out_features, step)):
         lane = i % len(streams)
         block = slice(start, start + step)
         inputs = [weight[block], scales[block]] + ([] if biases is None else [biases[block]])
@@ -90,7 +99,7 @@ def cpu_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases
                                     group_size=group_size, bits=bits, mode=mode, stream=streams[lane])
         previous[lane] = y
         parts.append(y)
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    return join(parts, axis=-1)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
