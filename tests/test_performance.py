@@ -211,6 +211,11 @@ def e2b_4bit(four_bit):
     return load_model(four_bit("e2b"))
 
 
+@pytest.fixture(scope="module")
+def moe_4bit(four_bit):
+    return load_model(four_bit("26b"))
+
+
 def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b_4bit, monkeypatch):
     import mlx.nn as nn
     from mlx_gemma4 import quantized
@@ -244,8 +249,8 @@ def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_
     assert mx.abs(whole - stepped).max().item() / scale < 1e-4
 
 
-def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(four_bit, monkeypatch):
-    layer = load_model(four_bit("26b")).language_model.model.layers[0]
+def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(moe_4bit, monkeypatch):
+    layer = moe_4bit.language_model.model.layers[0]
     proj = layer.experts.switch_glu.down_proj
     assert "scales" in proj
     x = mx.random.normal((1, 1, 1, 1, proj.scales.shape[-1] * proj.group_size))
@@ -260,7 +265,7 @@ def test_cpu_decode_copies_the_chosen_experts_and_matches_gather_qmm(four_bit, m
     assert mx.array_equal(proj(x, indices, sorted_indices=False), reference)
 
 
-def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, four_bit, monkeypatch):
+def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit, monkeypatch):
     """Each CPU stream has its own thread: packed products, the tied LM head and
     the expert gathers are split over them, with results equal to one kernel's."""
     import mlx.nn as nn
@@ -278,7 +283,7 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, four_bit
     assert graph_labels(head.as_linear(x)).count("QuantizedMatmul") == len(streams)
     assert mx.array_equal(head.as_linear(x), nn.QuantizedEmbedding.as_linear(head, x))
 
-    experts = load_model(four_bit("26b")).language_model.model.layers[0].experts.switch_glu.gate_up_proj
+    experts = moe_4bit.language_model.model.layers[0].experts.switch_glu.gate_up_proj
     rows = 7
     x = mx.random.normal((rows, 1, experts.scales.shape[-1] * experts.group_size))
     indices = mx.sort(mx.random.randint(0, experts.weight.shape[0], (rows,)).astype(mx.uint32))
@@ -294,20 +299,27 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, four_bit
     assert mx.array_equal(experts(token, chosen, sorted_indices=False), reference)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv_heads, monkeypatch):
+@pytest.mark.parametrize("kv_heads, n_streams", [(1, 2), (2, 2), (1, 3), (1, 6)])
+def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv_heads, n_streams, monkeypatch):
+    """Query heads in groups of near-equal size, at most one stream per head
+    (3 or 6 streams for 4 heads: 3 or 4 groups)."""
     from mlx_gemma4 import attention, quantized
 
-    streams = (None, mx.new_stream(mx.cpu))
+    streams = (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(n_streams - 1))
     monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
     keys = attention.SPLIT_ATTENTION_MIN_KEYS + 3
     q = mx.random.normal((1, 4, 1, 16))
     k, v = mx.random.normal((1, kv_heads, keys, 16)), mx.random.normal((1, kv_heads, keys, 16))
     reference = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
+    calls = _count_calls(monkeypatch, mx.fast, "scaled_dot_product_attention")
     assert graph_labels(attention.attend(q, k, v, None)).count("Concatenate") == 1
+    assert len(calls) == min(n_streams, q.shape[1])
     assert mx.allclose(attention.attend(q, k, v, None), reference, rtol=1e-6, atol=1e-6)
     short = (k[:, :, :8], v[:, :, :8])
     assert "Concatenate" not in graph_labels(attention.attend(q, *short, None))
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # a GPU neither splits nor makes CPU streams
+    monkeypatch.setattr(quantized, "cpu_streams", lambda: pytest.fail("CPU streams made on a GPU"))
+    assert "Concatenate" not in graph_labels(attention.attend(q, k, v, None))
 
 
 def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_checkpoint):
