@@ -78,13 +78,20 @@ def generate_tokens(
         mx.eval([c.state for c in cache])
     token, logprobs = step(prompt[-1:], {})
     mx.async_eval(token, logprobs)
-    while True:
-        if logits_processors:
-            history = mx.concatenate([history, token])
-        next_token, next_logprobs = step(token, {})
-        mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs[0]
-        token, logprobs = next_token, next_logprobs
+    try:
+        while True:
+            if logits_processors:
+                history = mx.concatenate([history, token])
+            next_token, next_logprobs = step(token, {})
+            mx.async_eval(next_token, next_logprobs)
+            yield token.item(), logprobs[0]
+            token, logprobs = next_token, next_logprobs
+    finally:
+        # The step computed ahead is still queued when the caller stops: a
+        # process that exits with MLX work in flight can abort in its heap
+        # teardown (seen here on the CPU backend, 1 exit in 5: "malloc_consolidate()";
+        # mlx-swift issue 143 is the same on Metal), so wait.
+        mx.synchronize()
 
 
 def prepare_prompt(processor, prompt: Prompt, *, tools=None, enable_thinking: bool = False,

@@ -52,6 +52,16 @@ def test_generation_stops_at_eos_without_emitting_it(tiny_checkpoint):
     assert len(chunks) == 1 and chunks[0].finish_reason == "stop" and chunks[0].text == ""
 
 
+def test_stopping_a_stream_waits_for_the_step_computed_ahead(tiny_checkpoint, monkeypatch):
+    # Exiting with that step still queued can abort the process in MLX's heap teardown.
+    model, processor = load(tiny_checkpoint("e2b"))
+    waits = []
+    real = mx.synchronize
+    monkeypatch.setattr(mx, "synchronize", lambda *a, **k: (waits.append(a), real(*a, **k)))
+    chunks = list(stream_generate(model, processor, "the sea", max_tokens=3, stop_tokens=set()))
+    assert len(chunks) >= 3 and waits
+
+
 def test_sampler_filters():
     logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
     mx.random.seed(0)
