@@ -134,7 +134,9 @@ class RotatingKVCache:
         """The last `window` positions, in a buffer with room for `window`."""
         x = x[..., -self.window:, :]
         if x.shape[2] == self.window:
-            return x
+            # A copy: a view would keep alive the whole buffer it was cut from (for
+            # a prompt chunk, the projection of every head at every position).
+            return mx.contiguous(x)
         pad = mx.zeros((*x.shape[:2], self.window - x.shape[2], x.shape[3]), x.dtype)
         return mx.concatenate([x, pad], axis=2)
 
