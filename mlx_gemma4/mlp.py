@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import precision, quantized
 from .kernels import geglu
 
 
@@ -19,6 +20,10 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if "gate_up_proj" in self:  # fused at load time (see `fusion`)
+            if precision.cpu_backend():
+                streamed = quantized.cpu_gated_mlp(x, self.gate_up_proj, self.down_proj, geglu)
+                if streamed is not None:
+                    return streamed
             gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

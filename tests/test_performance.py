@@ -236,6 +236,63 @@ def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b
     assert "QuantizedMatmul" in graph_labels(proj(chunk))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_cpu_dequantize_unpacks_bfloat16_scaled_weights_exactly_in_float32(bits):
+    """The weights the dequantized prefill multiplies are the float32 values
+    quantized_matmul multiplies (mx.dequantize rounds them to bfloat16)."""
+    from mlx_gemma4.quantized import dequantize
+
+    packed, scales, biases = mx.quantize(mx.random.normal((48, 256), key=mx.random.key(bits)), group_size=64,
+                                         bits=bits)
+    scales, biases = scales.astype(mx.bfloat16), biases.astype(mx.bfloat16)
+    exact = mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32), group_size=64, bits=bits)
+    for stream in (None, mx.new_stream(mx.cpu)):
+        assert mx.array_equal(dequantize(packed, scales, biases, 64, bits, "affine", mx.float32, stream), exact)
+    packed_product = mx.quantized_matmul(mx.eye(256), packed, scales, biases, group_size=64, bits=bits)
+    assert mx.allclose(packed_product, exact.T, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_prefill_streams_the_mlp_through_blocks_of_its_intermediate_width(e2b_4bit, monkeypatch):
+    from mlx_gemma4 import quantized
+    from mlx_gemma4.kernels import geglu
+
+    streams = (None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    mlp = e2b_4bit.language_model.model.layers[0].mlp
+    down = mlp.down_proj
+    hidden, width = down.weight.shape[0], down.scales.shape[1] * down.group_size
+    monkeypatch.setattr(quantized, "DEQUANTIZE_MAX_WEIGHTS", 3 * hidden * down.group_size)  # a group per block
+    x = mx.random.normal((1, quantized.DEQUANTIZE_MIN_ROWS + 3, hidden))
+    gate, up = mx.split(mlp.gate_up_proj(x), 2, axis=-1)  # the whole [rows, 2 x width] activations
+    reference = down(geglu(gate, up))
+    labels = graph_labels(mlp(x))
+    # Every block after a stream's first adds its share into that stream's sum.
+    assert labels.count("AddMM") == width // down.group_size - len(streams)
+    assert "Concatenate" not in labels
+    assert mx.abs(mlp(x) - reference).max().item() < 1e-5 * mx.abs(reference).max().item()
+    assert "AddMM" not in graph_labels(mlp(x[:, :1]))  # decode: packed products
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)
+    assert "AddMM" not in graph_labels(mlp(x))
+
+
+def test_a_sliding_cache_copies_a_chunk_instead_of_viewing_its_buffer():
+    """A view would keep alive the whole projection buffer it was cut from."""
+    from mlx_gemma4.cache import RotatingKVCache
+
+    def address(a):
+        return np.asarray(a).__array_interface__["data"][0]
+
+    projections = mx.random.normal((1, 10, 32, 16))  # [batch, q/k/v heads, positions, head_dim]
+    mx.eval(projections)
+    cache = RotatingKVCache(window=8)
+    cache.update_and_fetch(projections[:, 8:9], projections[:, 9:10])
+    mx.eval(cache.keys, cache.values)
+    start = address(projections)
+    for stored in (cache.keys, cache.values):
+        assert not start <= address(stored) < start + projections.nbytes
+    assert mx.array_equal(cache.state[0], projections[:, 8:9, -8:])
+
+
 def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_4bit):
     """A 4-bit model: a prompt prefilled in one chunk (dequantized products) and
     token by token (packed products) gives the same next-token logits."""
