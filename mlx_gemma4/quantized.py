@@ -198,7 +198,18 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
-    """`nn.QuantizedEmbedding` whose LM-head use (`as_linear`) takes the CPU route."""
+    """`nn.QuantizedEmbedding` with the CPU routes: rows unpacked in float32 (MLX's
+    lookup computes them in the scales' dtype, bfloat16 in real checkpoints, so
+    they would enter a float32 model already rounded), and the split LM head."""
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        if not precision.cpu_backend():
+            return super().__call__(ids)
+        flat = ids.flatten()
+        biases = self["biases"][flat] if "biases" in self else None
+        rows = dequantize(self["weight"][flat], self["scales"][flat], biases, self.group_size, self.bits, self.mode,
+                          mx.float32)
+        return rows.reshape(*ids.shape, -1)
 
     def as_linear(self, x: mx.array) -> mx.array:
         if not precision.cpu_backend():
