@@ -36,3 +36,9 @@ def add_scale(h: mx.array, x: mx.array, scale: mx.array) -> mx.array:
 def softcap(x: mx.array, cap: mx.array) -> mx.array:
     """`tanh(x / cap) * cap`."""
     return mx.tanh(x / cap) * cap
+
+
+@partial(mx.compile, shapeless=True)
+def mix(x: mx.array, y: mx.array, y_scale: mx.array, scale: mx.array) -> mx.array:
+    """`(x + y * y_scale) * scale`: PLE's sum of its context and token parts."""
+    return (x + y * y_scale) * scale

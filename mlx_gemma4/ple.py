@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import TextConfig
-from .kernels import geglu
+from .kernels import geglu, mix
 
 
 def add_model_weights(model: nn.Module, config: TextConfig) -> None:
@@ -36,12 +36,13 @@ def per_layer_inputs(
     """
     width = config.hidden_size_per_layer_input
     shape = (*input_ids.shape, config.num_hidden_layers, width)
-    token_part = model.lookup(model.embed_tokens_per_layer, input_ids)
-    # The scale is rounded to the table's dtype first, as transformers does.
-    token_part = token_part * mx.array(math.sqrt(width), dtype=token_part.dtype)
+    token_part = model.lookup(model.embed_tokens_per_layer, input_ids).reshape(shape)
     context = model.per_layer_model_projection(embeddings) * (config.hidden_size**-0.5)
     context = model.per_layer_projection_norm(context.reshape(shape))
-    return (context + token_part.reshape(shape)) * (2.0**-0.5)
+    # One kernel, so no [B, T, layers x P] temporaries beyond its inputs. The token
+    # part's scale is rounded to its dtype first, as transformers does.
+    return mix(context, token_part, mx.array(math.sqrt(width), dtype=token_part.dtype),
+               mx.array(2.0**-0.5, dtype=context.dtype))
 
 
 def add_layer_weights(layer: nn.Module, config: TextConfig) -> None:
