@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 from tokenizers.decoders import DecodeStream
 
+from . import quantized
 from .response import ANSWER, ChannelParser, GenerationResult, starts_inside_thought
 from .tools import tool_schemas
 
@@ -58,6 +59,7 @@ def generate_tokens(
     inside a media block; chat templates end it with the generation prompt).
     The next token is computed while the caller handles the current one.
     """
+    quantized.this_thread()  # a worker thread then cleans up its MLX state as it ends
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     history = prompt
@@ -90,8 +92,9 @@ def generate_tokens(
         # The step computed ahead is still queued when the caller stops: a
         # process that exits with MLX work in flight can abort in its heap
         # teardown (seen here on the CPU backend, 1 exit in 5: "malloc_consolidate()";
-        # mlx-swift issue 143 is the same on Metal), so wait.
-        mx.synchronize()
+        # mlx-swift issue 143 is the same on Metal), and so does one whose
+        # generating thread ended with work queued on its CPU streams. So wait.
+        quantized.synchronize()
 
 
 def prepare_prompt(processor, prompt: Prompt, *, tools=None, enable_thinking: bool = False,

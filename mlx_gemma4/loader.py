@@ -188,6 +188,10 @@ def load_model(
         if "experts" in layer:
             layer.experts.use_float32_on_cpu()
     model.eval()
+    # MLX runs a lazy array on a stream of the thread that built it: evaluated
+    # here, the load-time constants work from any thread that generates.
+    mx.eval([v for _, module in model.named_modules() for k, v in module.items()
+             if k.startswith("_") and isinstance(v, mx.array)])
     if not lazy:
         # One tensor at a time: a single eval of everything would hold each
         # mapped source and its cast or fused copy at once (peak ~2x weights).

@@ -62,6 +62,39 @@ def test_stopping_a_stream_waits_for_the_step_computed_ahead(tiny_checkpoint, mo
     assert len(chunks) >= 3 and waits
 
 
+THREADS_SCRIPT = """
+import sys, threading
+from itertools import islice
+import mlx.core as mx
+from mlx_gemma4.generate import generate_tokens
+from mlx_gemma4.loader import load_model
+model = load_model(sys.argv[1], text_only=True)
+prompt = mx.array(list(range(3, 83)))
+out = {}
+def work(name):
+    out[name] = [t for t, _ in islice(generate_tokens(model, prompt), 4)]
+work("main")
+for names in (["worker"], ["a", "b"]):  # one thread, then two at once
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    [t.start() for t in threads]; [t.join() for t in threads]
+print(len({tuple(v) for v in out.values()}), len(out))
+"""
+
+
+def test_generation_from_worker_threads_matches_and_exits_cleanly(tiny_checkpoint):
+    """MLX streams belong to the thread that made them, and a process whose threads
+    computed with MLX used to abort at exit (see `quantized._ThreadStreams`)."""
+    import os
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(tiny_checkpoint("e2b", with_towers=False))],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["1", "4"]  # one token sequence, from all four generations
+
+
 def test_sampler_filters():
     logprobs = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]]))
     mx.random.seed(0)
