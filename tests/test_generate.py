@@ -73,10 +73,10 @@ prompt = mx.array(list(range(3, 83)))
 out = {}
 def work(name):
     out[name] = [t for t, _ in islice(generate_tokens(model, prompt), 4)]
-work("main")
-for names in (["worker"], ["a", "b"]):  # one thread, then two at once
+for names in (["worker"], ["a", "b"]):  # first use in a thread, then two threads at once
     threads = [threading.Thread(target=work, args=(n,)) for n in names]
     [t.start() for t in threads]; [t.join() for t in threads]
+work("main")
 print(len({tuple(v) for v in out.values()}), len(out))
 """
 
