@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 from contextlib import nullcontext
-from functools import partial, reduce
+from functools import lru_cache, partial, reduce
 from typing import Callable, List, Optional, Tuple
 
 import mlx.core as mx
@@ -116,6 +116,15 @@ def _affine_values(words: mx.array, shifts: mx.array, mask: mx.array, scales: mx
     return ((words >> shifts) & mask).astype(scales.dtype) * scales + biases
 
 
+@lru_cache(maxsize=None)
+def _unpack_constants(bits: int) -> Tuple[mx.array, mx.array]:
+    """The shifts of the values in a packed word and their mask, made (and
+    evaluated, so any thread may read them) once per bit width."""
+    shifts, mask = mx.arange(0, 32, bits, dtype=mx.uint32), mx.array((1 << bits) - 1, dtype=mx.uint32)
+    mx.eval(shifts, mask)
+    return shifts, mask
+
+
 def _on(stream: Optional[mx.Stream]):
     """Make `stream` the default (a compiled function is traced once per stream)."""
     return nullcontext() if stream is None else mx.stream(stream)
@@ -129,15 +138,12 @@ def dequantize(weight: mx.array, scales: mx.array, biases: Optional[mx.array], g
         return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=dtype,
                              stream=stream)
     rows, groups = scales.shape
-    per_word = 32 // bits
     with _on(stream):
         # [rows, groups, words per group, 1] >> [per_word] shifts: element j of a
         # group is bits (j % per_word) * bits of word j // per_word.
-        words = weight.reshape(rows, groups, group_size // per_word, 1)
-        shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-        mask = mx.array((1 << bits) - 1, dtype=mx.uint32)
+        words = weight.reshape(rows, groups, group_size * bits // 32, 1)
         per_group = (rows, groups, 1, 1)
-        values = _affine_values(words, shifts, mask, scales.astype(dtype).reshape(per_group),
+        values = _affine_values(words, *_unpack_constants(bits), scales.astype(dtype).reshape(per_group),
                                 biases.astype(dtype).reshape(per_group))
         return values.reshape(rows, groups * group_size)
 
@@ -152,11 +158,29 @@ def join(parts: List[mx.array], axis: int) -> mx.array:
     return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
 
-def cpu_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases: Optional[mx.array],
-                         group_size: int, bits: int, mode: str) -> mx.array:
-    """`x @ dequantize(weight).T` in blocks of output columns, the blocks dealt
-    round the CPU streams."""
-    rows, in_features, out_features = x.size // x.shape[-1], x.shape[-1], weight.shape[0]
+def _block(layer: nn.Module, rows: slice, groups: slice, after: mx.array) -> tuple:
+    """Rows `rows` and quantization groups `groups` (of the input columns) of a
+    quantized layer's packed weight, scales and biases (or None), read only once
+    `after` exists: otherwise the scheduler may unpack (or cast the scales of)
+    many blocks and layers up front, holding all their float32 copies at once."""
+    per_group = layer.group_size * layer.bits // 32  # packed words per group
+    words = slice(None) if groups == slice(None) else slice(groups.start * per_group, groups.stop * per_group)
+    inputs = [layer["weight"][rows, words], layer["scales"][rows, groups]]
+    inputs += [layer["biases"][rows, groups]] if "biases" in layer else []
+    packed, scales, *biases = mx.depends(inputs, [after])
+    return packed, scales, biases[0] if biases else None
+
+
+def _unpack_block(layer: nn.Module, rows: slice, groups: slice, after: mx.array, dtype: mx.Dtype,
+                  stream: Optional[mx.Stream]) -> mx.array:
+    """`_block`, dequantized in `dtype` on `stream`."""
+    return dequantize(*_block(layer, rows, groups, after), layer.group_size, layer.bits, layer.mode, dtype, stream)
+
+
+def cpu_quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
+    """`x @ dequantize(layer.weight).T` for a quantized linear layer or embedding,
+    in blocks of output columns dealt round the CPU streams."""
+    rows, in_features, out_features = x.size // x.shape[-1], x.shape[-1], layer["weight"].shape[0]
     streams = cpu_streams()
     many_rows = rows >= DEQUANTIZE_MIN_ROWS
     if many_rows:
@@ -168,35 +192,17 @@ def cpu_quantized_matmul(x: mx.array, weight: mx.array, scales: mx.array, biases
     parts, previous = [], {}
     for i, start in enumerate(range(0, out_features, step)):
         lane = i % len(streams)
-        block = slice(start, start + step)
-        inputs = [weight[block], scales[block]] + ([] if biases is None else [biases[block]])
-        # A block is unpacked (or its scales cast) only once this stream's previous
-        # product, or the input, exists: otherwise the scheduler may do it for many
-        # blocks and layers up front, holding all their float32 copies at once.
-        packed, block_scales, *block_biases = mx.depends(inputs, [previous.get(lane, x)])
-        block_biases = block_biases[0] if block_biases else None
+        block, after = slice(start, start + step), previous.get(lane, x)
         if many_rows:
-            w = dequantize(packed, block_scales, block_biases, group_size, bits, mode, x.dtype, streams[lane])
+            w = _unpack_block(layer, block, slice(None), after, x.dtype, streams[lane])
             y = mx.matmul(x, w.T, stream=streams[lane])
         else:
-            y = mx.quantized_matmul(x, packed, block_scales, block_biases, transpose=True,
-                                    group_size=group_size, bits=bits, mode=mode, stream=streams[lane])
+            y = mx.quantized_matmul(x, *_block(layer, block, slice(None), after), transpose=True,
+                                    group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+                                    stream=streams[lane])
         previous[lane] = y
         parts.append(y)
     return join(parts, axis=-1)
-
-
-def _unpack_block(layer: nn.Module, rows: slice, groups: slice, after: mx.array, dtype: mx.Dtype,
-                  stream: Optional[mx.Stream]) -> mx.array:
-    """Rows `rows` and quantization groups `groups` (of the input columns) of a
-    quantized linear layer's weight, unpacked only once `after` exists."""
-    per_group = layer.group_size * layer.bits // 32  # packed words per group
-    words = slice(None) if groups == slice(None) else slice(groups.start * per_group, groups.stop * per_group)
-    inputs = [layer["weight"][rows, words], layer["scales"][rows, groups]]
-    inputs += [layer["biases"][rows, groups]] if "biases" in layer else []
-    packed, scales, *biases = mx.depends(inputs, [after])
-    return dequantize(packed, scales, biases[0] if biases else None, layer.group_size, layer.bits, layer.mode,
-                      dtype, stream)
 
 
 def cpu_gated_mlp(x: mx.array, gate_up: nn.Module, down: nn.Module,
@@ -239,8 +245,7 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not precision.cpu_backend():
             return super().__call__(x)
-        y = cpu_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
-                                 self.group_size, self.bits, self.mode)
+        y = cpu_quantized_matmul(x, self)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -261,8 +266,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not precision.cpu_backend():
             return super().as_linear(x)
-        return cpu_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"),
-                                    self.group_size, self.bits, self.mode)
+        return cpu_quantized_matmul(x, self)
 
 
 def use_cpu_routes(model: nn.Module) -> None:
