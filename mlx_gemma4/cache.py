@@ -90,8 +90,12 @@ class RotatingKVCache:
 
     Decoding writes into a ring buffer in place. A chunk of several tokens
     attends over the previous `window - 1` keys plus its own, then the last
-    `window` of those are kept.
+    `window` of those are kept. The buffer grows in blocks of `step` up to the
+    window, so a short conversation does not hold a whole window (26B-A4B: 50 MB
+    of float32 keys and values for a 128-token prompt otherwise).
     """
+
+    step = 256
 
     def __init__(self, window: int):
         self.window = window
@@ -114,6 +118,8 @@ class RotatingKVCache:
         n = keys.shape[2]
         if n == 1 and self.keys is not None:
             slot = self._stored if self._stored < self.window else self._next
+            if slot == self.keys.shape[2]:  # full below the window (else slot < window = size)
+                self.keys, self.values = self._with_room(self.keys, slot + 1), self._with_room(self.values, slot + 1)
             self.keys[..., slot:slot + 1, :] = keys
             self.values[..., slot:slot + 1, :] = values
             self.offset += 1
@@ -130,15 +136,22 @@ class RotatingKVCache:
         self._next = 0
         return keys, values
 
-    def _keep_last(self, x: mx.array) -> mx.array:
-        """The last `window` positions, in a buffer with room for `window`."""
-        x = x[..., -self.window:, :]
-        if x.shape[2] == self.window:
-            # A copy: a view would keep alive the whole buffer it was cut from (for
-            # a prompt chunk, the projection of every head at every position).
-            return mx.contiguous(x)
-        pad = mx.zeros((*x.shape[:2], self.window - x.shape[2], x.shape[3]), x.dtype)
+    def _with_room(self, x: mx.array, positions: int) -> mx.array:
+        """`x` in a buffer of at least `positions` slots: the next multiple of
+        `step`, at most `window`."""
+        size = min(-(-positions // self.step) * self.step, self.window)
+        if x.shape[2] == size:
+            return x
+        pad = mx.zeros((*x.shape[:2], size - x.shape[2], x.shape[3]), x.dtype)
         return mx.concatenate([x, pad], axis=2)
+
+    def _keep_last(self, x: mx.array) -> mx.array:
+        """The last `window` positions, in a buffer of their size rounded up to `step`."""
+        x = x[..., -self.window:, :]
+        room = self._with_room(x, x.shape[2])
+        # A copy either way: a view would keep alive the whole buffer it was cut
+        # from (for a prompt chunk, the projection of every head at every position).
+        return mx.contiguous(x) if room is x else room
 
     def make_mask(self, queries: int) -> Mask:
         if queries == 1:

@@ -293,6 +293,29 @@ def test_a_sliding_cache_copies_a_chunk_instead_of_viewing_its_buffer():
     assert mx.array_equal(cache.state[0], projections[:, 8:9, -8:])
 
 
+def test_a_sliding_cache_grows_in_steps_up_to_its_window(monkeypatch):
+    """A short context holds a buffer its own size (rounded up to `step`), not a
+    whole window, and reads the same keys as a cache holding the window at once."""
+    from mlx_gemma4.cache import RotatingKVCache
+
+    monkeypatch.setattr(RotatingKVCache, "step", 3)
+    growing, whole = RotatingKVCache(window=8), RotatingKVCache(window=8)
+    whole.step = 8
+    keys = mx.random.normal((1, 2, 30, 4))
+    sizes = []
+    for start, stop in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 13),
+                        (13, 14), (14, 25), (25, 26), (26, 27)]:
+        chunk = keys[:, :, start:stop]
+        fetched = growing.update_and_fetch(chunk, -chunk)
+        expected = whole.update_and_fetch(chunk, -chunk)
+        for a, b in zip(fetched, expected):
+            assert mx.array_equal(a, b)
+        assert all(mx.array_equal(a, b) for a, b in zip(growing.state, whole.state))
+        sizes.append(growing.keys.shape[2])
+        assert growing.keys.shape[2] >= min(stop, 8)
+    assert sizes[:8] == [3, 3, 6, 6, 6, 8, 8, 8] and set(sizes[8:]) == {8}
+
+
 def test_dequantizing_prefill_keeps_chunked_prefill_equal_to_token_by_token(e2b_4bit):
     """A 4-bit model: a prompt prefilled in one chunk (dequantized products) and
     token by token (packed products) gives the same next-token logits."""
