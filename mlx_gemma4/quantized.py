@@ -51,11 +51,17 @@ DEQUANTIZE_MAX_WEIGHTS = 1 << 19
 # another thread gains less than the hand-over costs (measured: a 128x1536
 # 4-bit matrix is slower split in two, a 256x1536 one 1.4x faster). The upper
 # one bounds what a part casts: MLX casts bfloat16 scales and biases to the
-# activations' float32 per call (2 MB per 16 M weights). Measured on E2B (10
-# layers, 32-token prompt; mlx-vlm 0.90 GB): peak 0.91 / 0.93 / 0.96 GB with
-# 4 M / 16 M / 64 M, decode 2.0 / 2.1-2.3 / 2.4 tok/s (runs vary by ~10 %).
+# activations' float32 per call (2 MB per 16 M weights), and its CPU eval
+# allocates the outputs of ~100 calls ahead of their compute, so the casts of
+# many parts of one matrix are alive at once. The tied LM head (the vocabulary
+# times the width: 25x the next largest matrix of E2B) takes smaller parts.
+# Measured on E2B (10 layers, 128-token prompt), decode peak above the weights
+# and tok/s: LM head parts of 16 M weights 30-32 MB, 2.54-2.60; of 4 M, 12 MB,
+# 2.56-2.64. All parts at 4 M: the same on E2B, 26B-A4B 4 % slower (2.35 vs
+# 2.45 tok/s) with an unchanged peak (51 MB, the chosen experts' copies).
 MIN_WEIGHTS_PER_PART = 1 << 17
 MAX_WEIGHTS_PER_PART = 1 << 24
+MAX_LM_HEAD_PART = 1 << 22
 # Each stream has a dequantized block (or a cast part) in flight: the cap bounds
 # that memory on many-core machines (only 2 cores were measured).
 MAX_CPU_STREAMS = 8
@@ -177,9 +183,10 @@ def _unpack_block(layer: nn.Module, rows: slice, groups: slice, after: mx.array,
     return dequantize(*_block(layer, rows, groups, after), layer.group_size, layer.bits, layer.mode, dtype, stream)
 
 
-def cpu_quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
+def cpu_quantized_matmul(x: mx.array, layer: nn.Module, max_part: int = MAX_WEIGHTS_PER_PART) -> mx.array:
     """`x @ dequantize(layer.weight).T` for a quantized linear layer or embedding,
-    in blocks of output columns dealt round the CPU streams."""
+    in blocks of output columns dealt round the CPU streams (parts of at most
+    `max_part` weights for few rows)."""
     rows, in_features, out_features = x.size // x.shape[-1], x.shape[-1], layer["weight"].shape[0]
     streams = cpu_streams()
     many_rows = rows >= DEQUANTIZE_MIN_ROWS
@@ -187,7 +194,7 @@ def cpu_quantized_matmul(x: mx.array, layer: nn.Module) -> mx.array:
         step = DEQUANTIZE_MAX_WEIGHTS // in_features
     else:
         per_stream = -(-out_features // len(streams))
-        step = min(max(per_stream, MIN_WEIGHTS_PER_PART // in_features), MAX_WEIGHTS_PER_PART // in_features)
+        step = min(max(per_stream, MIN_WEIGHTS_PER_PART // in_features), max_part // in_features)
     step = max(step, 1)
     parts, previous = [], {}
     for i, start in enumerate(range(0, out_features, step)):
@@ -266,7 +273,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not precision.cpu_backend():
             return super().as_linear(x)
-        return cpu_quantized_matmul(x, self)
+        return cpu_quantized_matmul(x, self, MAX_LM_HEAD_PART)
 
 
 def use_cpu_routes(model: nn.Module) -> None:

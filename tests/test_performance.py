@@ -362,6 +362,11 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit
     assert isinstance(head, quantized.QuantizedEmbedding)
     assert graph_labels(head.as_linear(x)).count("QuantizedMatmul") == len(streams)
     assert mx.array_equal(head.as_linear(x), nn.QuantizedEmbedding.as_linear(head, x))
+    # The LM head, much the largest matrix, takes smaller parts (each casts its scales).
+    vocab, hidden = head.weight.shape[0], x.shape[-1]
+    monkeypatch.setattr(quantized, "MAX_LM_HEAD_PART", 16 * hidden)
+    assert graph_labels(head.as_linear(x)).count("QuantizedMatmul") == -(-vocab // 16) > len(streams)
+    assert mx.array_equal(head.as_linear(x), nn.QuantizedEmbedding.as_linear(head, x))
 
     experts = moe_4bit.language_model.model.layers[0].experts.switch_glu.gate_up_proj
     rows = 7
