@@ -7,7 +7,7 @@ from typing import Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import precision, quantized
+from . import precision, streams
 from .config import TextConfig
 
 KV = Tuple[mx.array, mx.array]
@@ -35,22 +35,22 @@ def rope_periods(head_dim: int, theta: float, partial_rotary_factor: float) -> O
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     """Scaled dot-product attention with scale 1 (q_norm/k_norm replace the
     1/sqrt(head_dim) scaling). On the CPU backend a decode step over a long
-    cache splits its heads over the CPU streams (see `quantized`): measured
+    cache splits its heads over the CPU streams (see `streams`): measured
     (2 cores, 10-layer E2B / 4-layer 26B-A4B, 4-bit), decode with 8K tokens
     cached runs at 0.93x / 0.91x of a short-context decode, 0.87x / 0.86x
     with single-threaded attention."""
     long_decode = mask is None and q.shape[2] == 1 and k.shape[2] >= SPLIT_ATTENTION_MIN_KEYS
     # The backend first: a GPU never makes the CPU streams.
-    streams = quantized.cpu_streams()[:q.shape[1]] if long_decode and precision.cpu_backend() else (None,)
-    parts, kv_heads = len(streams), k.shape[1]
+    lanes = streams.cpu_streams()[:q.shape[1]] if long_decode and precision.cpu_backend() else (None,)
+    parts, kv_heads = len(lanes), k.shape[1]
     if parts == 1 or (kv_heads > 1 and kv_heads % parts):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
     # Contiguous groups of query heads with the key/value heads they read.
-    q_parts = mx.split(q, quantized.split_points(q.shape[1], parts), axis=1)
+    q_parts = mx.split(q, streams.split_points(q.shape[1], parts), axis=1)
     kv_parts = [(k, v)] * parts if kv_heads == 1 else zip(mx.split(k, parts, axis=1), mx.split(v, parts, axis=1))
-    return quantized.join([
+    return streams.join([
         mx.fast.scaled_dot_product_attention(part_q, part_k, part_v, scale=1.0, stream=stream)
-        for part_q, (part_k, part_v), stream in zip(q_parts, kv_parts, streams)
+        for part_q, (part_k, part_v), stream in zip(q_parts, kv_parts, lanes)
     ], axis=1)
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import mlx.core as mx
 from tokenizers.decoders import DecodeStream
 
-from . import quantized
+from . import streams
 from .response import ANSWER, ChannelParser, GenerationResult, starts_inside_thought
 from .tools import tool_schemas
 
@@ -59,7 +59,7 @@ def generate_tokens(
     inside a media block; chat templates end it with the generation prompt).
     The next token is computed while the caller handles the current one.
     """
-    quantized.this_thread()  # a worker thread then cleans up its MLX state as it ends
+    streams.this_thread()  # a worker thread then cleans up its MLX state as it ends
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     history = prompt
@@ -94,7 +94,7 @@ def generate_tokens(
         # teardown (seen here on the CPU backend, 1 exit in 5: "malloc_consolidate()";
         # mlx-swift issue 143 is the same on Metal), and so does one whose
         # generating thread ended with work queued on its CPU streams. So wait.
-        quantized.synchronize()
+        streams.synchronize()
 
 
 def prepare_prompt(processor, prompt: Prompt, *, tools=None, enable_thinking: bool = False,

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import precision, quantized
+from . import precision, streams
 from .config import TextConfig
 from .kernels import geglu
 
@@ -112,7 +112,7 @@ class QuantizedExpertLinear(nn.Module):
             # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
             # copy below): for a few tokens, copying out the chosen experts and
             # batched products, the experts shared out over the CPU streams
-            # (see `quantized`), is faster.
+            # (see `streams`), is faster.
             return self._copied_experts_matmul(x, indices)
         return mx.gather_qmm(
             x, self.weight, self.scales, self.get("biases"), lhs_indices=_row_indices(x.shape[:-2]),
@@ -127,30 +127,30 @@ class QuantizedExpertLinear(nn.Module):
         scales = self.scales.astype(x.dtype)
         biases = self.get("biases")
         biases = None if biases is None else biases.astype(x.dtype)
-        streams = quantized.cpu_streams()
-        bounds = quantized.split_points(x.shape[0], len(streams))
+        lanes = streams.cpu_streams()
+        bounds = streams.split_points(x.shape[0], len(lanes))
         parts = [
             mx.gather_qmm(part_x, self.weight, scales, biases, lhs_indices=_row_indices(part_x.shape[:-2]),
                           rhs_indices=part_indices, transpose=True, group_size=self.group_size, bits=self.bits,
                           mode=self.mode, sorted_indices=True, stream=stream)
-            for part_x, part_indices, stream in zip(mx.split(x, bounds), mx.split(indices, bounds), streams)
+            for part_x, part_indices, stream in zip(mx.split(x, bounds), mx.split(indices, bounds), lanes)
         ]
-        return quantized.join(parts, axis=0)
+        return streams.join(parts, axis=0)
 
     def _copied_experts_matmul(self, x: mx.array, indices: mx.array) -> mx.array:
         biases, k = self.get("biases"), indices.shape[-1]
-        streams = quantized.cpu_streams()[:k]
-        bounds = quantized.split_points(k, len(streams))
+        lanes = streams.cpu_streams()[:k]
+        bounds = streams.split_points(k, len(lanes))
         # After the up projection x has one row per chosen expert, before it one per token.
-        xs = mx.split(x, bounds, axis=-3) if x.shape[-3] == k else [x] * len(streams)
+        xs = mx.split(x, bounds, axis=-3) if x.shape[-3] == k else [x] * len(lanes)
         parts = []
-        for part_x, chosen, stream in zip(xs, mx.split(indices, bounds, axis=-1), streams):
+        for part_x, chosen, stream in zip(xs, mx.split(indices, bounds, axis=-1), lanes):
             weight, scales, biases_ = (None if a is None else mx.take(a, chosen, axis=0, stream=stream)
                                        for a in (self.weight, self.scales, biases))
             parts.append(mx.quantized_matmul(part_x, weight, scales, biases_, transpose=True,
                                              group_size=self.group_size, bits=self.bits, mode=self.mode,
                                              stream=stream))
-        return quantized.join(parts, axis=-3)
+        return streams.join(parts, axis=-3)
 
 
 class ExpertGLU(nn.Module):

@@ -2,10 +2,9 @@
 dequantized first for many rows.
 
 MLX's CPU `quantized_matmul` and its bundled reference BLAS each run on one
-thread, but every CPU stream has its own thread: a product split by output
-rows over one stream per core runs the parts at once (2 cores: 1.9x faster
-for one decode row, 1.3-1.6x for a 128-row prefill chunk; measured in
-benchmarks/RESULTS.md).
+thread; a product split by output rows over the CPU streams (see `streams`)
+runs the parts at once (2 cores: 1.9x faster for one decode row, 1.3-1.6x for
+a 128-row prefill chunk; measured in benchmarks/RESULTS.md).
 
 MLX's CPU `quantized_matmul` also handles a batch of rows as that many one-row
 products, so a prefill chunk gets no reuse of the weights it unpacks. For a
@@ -28,16 +27,13 @@ On a GPU, `quantized_matmul` has real many-row kernels and is always used.
 
 from __future__ import annotations
 
-import os
-import threading
-from contextlib import nullcontext
 from functools import lru_cache, partial, reduce
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import precision
+from . import precision, streams
 
 DEQUANTIZE_MIN_ROWS = 64
 # Dequantize at most this many weights at once (2 MB in float32). MLX's CPU
@@ -62,59 +58,6 @@ DEQUANTIZE_MAX_WEIGHTS = 1 << 19
 MIN_WEIGHTS_PER_PART = 1 << 17
 MAX_WEIGHTS_PER_PART = 1 << 24
 MAX_LM_HEAD_PART = 1 << 22
-# Each stream has a dequantized block (or a cast part) in flight: the cap bounds
-# that memory on many-core machines (only 2 cores were measured).
-MAX_CPU_STREAMS = 8
-
-
-class _ThreadState:
-    """What this package keeps per thread: the CPU streams (MLX streams belong to
-    the thread that made them; another thread's raises "There is no Stream(cpu, 1)
-    in current thread"), and the clean-up of a worker thread's MLX state."""
-
-    def __init__(self):
-        self.ident = threading.get_ident()
-        self.worker = threading.current_thread() is not threading.main_thread()
-        self.streams: Optional[Tuple[Optional[mx.Stream], ...]] = None
-
-    def __del__(self):
-        # Run by a worker thread as it ends (thread-local data dies with its
-        # thread). Without it, a process in which a worker thread generated
-        # often aborts when it exits, "terminate called without an active
-        # exception" (MLX 0.32, Linux: about 1 exit in 2 with the tiny models'
-        # compiled kernels, 6 in 6 on the 10-layer E2B; 0 in 12 with this).
-        if self.worker and threading.get_ident() == self.ident:
-            mx.synchronize()
-            mx.clear_streams()
-
-
-_per_thread = threading.local()
-
-
-def this_thread() -> _ThreadState:
-    """The calling thread's state (made on first use: call it from any thread that
-    computes with the model, so that a worker thread cleans up as it ends)."""
-    if not hasattr(_per_thread, "state"):
-        _per_thread.state = _ThreadState()
-    return _per_thread.state
-
-
-def cpu_streams() -> Tuple[Optional[mx.Stream], ...]:
-    """One CPU stream per core this process may use, at most `MAX_CPU_STREAMS`
-    (None: the default stream), made for the calling thread."""
-    state = this_thread()
-    if state.streams is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        state.streams = (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(min(cores, MAX_CPU_STREAMS) - 1))
-    return state.streams
-
-
-def synchronize() -> None:
-    """Wait for the work this thread queued: on its default stream and on the CPU
-    streams it made."""
-    mx.synchronize()
-    for stream in (this_thread().streams or (None,))[1:]:
-        mx.synchronize(stream)
 
 
 @partial(mx.compile, shapeless=True)
@@ -131,11 +74,6 @@ def _unpack_constants(bits: int) -> Tuple[mx.array, mx.array]:
     return shifts, mask
 
 
-def _on(stream: Optional[mx.Stream]):
-    """Make `stream` the default (a compiled function is traced once per stream)."""
-    return nullcontext() if stream is None else mx.stream(stream)
-
-
 def dequantize(weight: mx.array, scales: mx.array, biases: Optional[mx.array], group_size: int, bits: int,
                mode: str, dtype: mx.Dtype, stream: Optional[mx.Stream] = None) -> mx.array:
     """`mx.dequantize` computed in `dtype` (float32 on the CPU): for affine
@@ -144,7 +82,7 @@ def dequantize(weight: mx.array, scales: mx.array, biases: Optional[mx.array], g
         return mx.dequantize(weight, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=dtype,
                              stream=stream)
     rows, groups = scales.shape
-    with _on(stream):
+    with streams.on(stream):
         # [rows, groups, words per group, 1] >> [per_word] shifts: element j of a
         # group is bits (j % per_word) * bits of word j // per_word.
         words = weight.reshape(rows, groups, group_size * bits // 32, 1)
@@ -152,16 +90,6 @@ def dequantize(weight: mx.array, scales: mx.array, biases: Optional[mx.array], g
         values = _affine_values(words, *_unpack_constants(bits), scales.astype(dtype).reshape(per_group),
                                 biases.astype(dtype).reshape(per_group))
         return values.reshape(rows, groups * group_size)
-
-
-def split_points(size: int, parts: int) -> List[int]:
-    """Indices that cut `size` rows into `parts` runs of near-equal length (for `mx.split`)."""
-    return [size * part // parts for part in range(1, parts)]
-
-
-def join(parts: List[mx.array], axis: int) -> mx.array:
-    """The per-stream results put back together (a lone part is not copied)."""
-    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=axis)
 
 
 def _block(layer: nn.Module, rows: slice, groups: slice, after: mx.array) -> tuple:
@@ -188,28 +116,28 @@ def cpu_quantized_matmul(x: mx.array, layer: nn.Module, max_part: int = MAX_WEIG
     in blocks of output columns dealt round the CPU streams (parts of at most
     `max_part` weights for few rows)."""
     rows, in_features, out_features = x.size // x.shape[-1], x.shape[-1], layer["weight"].shape[0]
-    streams = cpu_streams()
+    lanes = streams.cpu_streams()
     many_rows = rows >= DEQUANTIZE_MIN_ROWS
     if many_rows:
         step = DEQUANTIZE_MAX_WEIGHTS // in_features
     else:
-        per_stream = -(-out_features // len(streams))
+        per_stream = -(-out_features // len(lanes))
         step = min(max(per_stream, MIN_WEIGHTS_PER_PART // in_features), max_part // in_features)
     step = max(step, 1)
     parts, previous = [], {}
     for i, start in enumerate(range(0, out_features, step)):
-        lane = i % len(streams)
+        lane = i % len(lanes)
         block, after = slice(start, start + step), previous.get(lane, x)
         if many_rows:
-            w = _unpack_block(layer, block, slice(None), after, x.dtype, streams[lane])
-            y = mx.matmul(x, w.T, stream=streams[lane])
+            w = _unpack_block(layer, block, slice(None), after, x.dtype, lanes[lane])
+            y = mx.matmul(x, w.T, stream=lanes[lane])
         else:
             y = mx.quantized_matmul(x, *_block(layer, block, slice(None), after), transpose=True,
                                     group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
-                                    stream=streams[lane])
+                                    stream=lanes[lane])
         previous[lane] = y
         parts.append(y)
-    return join(parts, axis=-1)
+    return streams.join(parts, axis=-1)
 
 
 def cpu_gated_mlp(x: mx.array, gate_up: nn.Module, down: nn.Module,
@@ -232,15 +160,15 @@ def cpu_gated_mlp(x: mx.array, gate_up: nn.Module, down: nn.Module,
     # Gate, up and down blocks together unpack at most DEQUANTIZE_MAX_WEIGHTS weights.
     step = max(DEQUANTIZE_MAX_WEIGHTS // (3 * hidden) // down.group_size, 1) * down.group_size
     flat = x.reshape(rows, hidden)
-    streams, sums = cpu_streams(), {}
+    lanes, sums = streams.cpu_streams(), {}
     for i, start in enumerate(range(0, width, step)):
-        lane = i % len(streams)
+        lane = i % len(lanes)
         stop = min(start + step, width)
-        unpack = partial(_unpack_block, after=sums.get(lane, flat), dtype=x.dtype, stream=streams[lane])
+        unpack = partial(_unpack_block, after=sums.get(lane, flat), dtype=x.dtype, stream=lanes[lane])
         gate = unpack(gate_up, slice(start, stop), slice(None))
         up = unpack(gate_up, slice(width + start, width + stop), slice(None))
         back = unpack(down, slice(None), slice(start // down.group_size, stop // down.group_size))
-        with _on(streams[lane]):
+        with streams.on(lanes[lane]):
             h = activation(flat @ gate.T, flat @ up.T)
             sums[lane] = h @ back.T if lane not in sums else mx.addmm(sums[lane], h, back.T)
     return reduce(mx.add, sums.values()).reshape(*x.shape[:-1], hidden)

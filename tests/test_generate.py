@@ -83,7 +83,7 @@ print(len({tuple(v) for v in out.values()}), len(out))
 
 def test_generation_from_worker_threads_matches_and_exits_cleanly(tiny_checkpoint):
     """MLX streams belong to the thread that made them, and a process whose threads
-    computed with MLX used to abort at exit (see `quantized._ThreadState`)."""
+    computed with MLX used to abort at exit (see `streams._ThreadState`)."""
     import os
     from pathlib import Path
 

@@ -11,6 +11,7 @@ import pytest
 
 import mlx_gemma4
 from mlx_gemma4 import precision
+from mlx_gemma4 import streams as streams_module
 from mlx_gemma4.cache import attention_masks
 from mlx_gemma4.loader import load_model
 from test_text_parity import greedy_mlx
@@ -257,7 +258,7 @@ def test_cpu_prefill_streams_the_mlp_through_blocks_of_its_intermediate_width(e2
     from mlx_gemma4.kernels import geglu
 
     streams = (None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
-    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
     mlp = e2b_4bit.language_model.model.layers[0].mlp
     down = mlp.down_proj
     hidden, width = down.weight.shape[0], down.scales.shape[1] * down.group_size
@@ -352,7 +353,7 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit
     from mlx_gemma4 import quantized
 
     streams = (None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
-    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
     monkeypatch.setattr(quantized, "MIN_WEIGHTS_PER_PART", 1)
     proj = e2b_4bit.language_model.model.layers[0].mlp.gate_up_proj
     x = mx.random.normal((1, 1, proj.scales.shape[1] * proj.group_size))
@@ -388,10 +389,10 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit
 def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv_heads, n_streams, monkeypatch):
     """Query heads in groups of near-equal size, at most one stream per head
     (3 or 6 streams for 4 heads: 3 or 4 groups)."""
-    from mlx_gemma4 import attention, quantized
+    from mlx_gemma4 import attention
 
     streams = (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(n_streams - 1))
-    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
     keys = attention.SPLIT_ATTENTION_MIN_KEYS + 3
     q = mx.random.normal((1, 4, 1, 16))
     k, v = mx.random.normal((1, kv_heads, keys, 16)), mx.random.normal((1, kv_heads, keys, 16))
@@ -403,7 +404,7 @@ def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv
     short = (k[:, :, :8], v[:, :, :8])
     assert "Concatenate" not in graph_labels(attention.attend(q, *short, None))
     monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # a GPU neither splits nor makes CPU streams
-    monkeypatch.setattr(quantized, "cpu_streams", lambda: pytest.fail("CPU streams made on a GPU"))
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: pytest.fail("CPU streams made on a GPU"))
     assert "Concatenate" not in graph_labels(attention.attend(q, k, v, None))
 
 

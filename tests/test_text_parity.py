@@ -118,14 +118,15 @@ def test_bfloat16_checkpoint_runs_within_bfloat16_noise(tiny_checkpoint, hf_mode
 def test_decode_over_a_long_cache_matches_transformers(pair, monkeypatch):
     """A decode step over a cache long enough for the CPU route to split its
     attention heads over the CPU streams (`attention.attend`)."""
-    from mlx_gemma4 import attention, quantized
+    from mlx_gemma4 import attention
+    from mlx_gemma4 import streams as streams_module
 
     _, model, hf = pair
     streams = (None, mx.new_stream(mx.cpu))
-    monkeypatch.setattr(quantized, "cpu_streams", lambda: streams)
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
     joined = []
-    join = quantized.join
-    monkeypatch.setattr(quantized, "join", lambda parts, axis: joined.append(axis) or join(parts, axis))
+    join = streams_module.join
+    monkeypatch.setattr(streams_module, "join", lambda parts, axis: joined.append(axis) or join(parts, axis))
     ids = prompt_ids(hf.config.text_config.vocab_size, attention.SPLIT_ATTENTION_MIN_KEYS + 1)
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids).long()).logits[:, -1].numpy()
