@@ -134,7 +134,12 @@ class RotatingKVCache:
         self.offset += n
         self.keys, self.values = self._keep_last(keys), self._keep_last(values)
         self._next = 0
-        return keys, values
+        # Attention reads the copies kept (or waits for them): else they could
+        # run after the whole forward pass, each holding its chunk's Q|K|V
+        # buffers until then.
+        if n <= self.window and self._stored == n:
+            return self.keys[..., :n, :], self.values[..., :n, :]
+        return tuple(mx.depends([keys, values], [self.keys, self.values]))
 
     def _with_room(self, x: mx.array, positions: int) -> mx.array:
         """`x` in a buffer of at least `positions` slots: the next multiple of

@@ -102,10 +102,13 @@ class TextModel(nn.Module):
 
         offset = cache_offset(cache)
         masks = attention_masks(config, h.shape[1], cache, vision_blocks)
+        # Only the K/V that later layers read are kept: the others (views of a
+        # layer's whole Q|K|V buffers) are freed as soon as their layer is done.
+        read_later = {config.kv_source_layer(i) for i in range(config.first_kv_shared_layer, len(self.layers))}
         produced = {}
         for i, layer in enumerate(self.layers):
             source = config.kv_source_layer(i)
-            h, produced[i] = layer(
+            h, kv = layer(
                 h,
                 masks[config.layer_types[i]],
                 offset,
@@ -113,6 +116,8 @@ class TextModel(nn.Module):
                 shared_kv=produced[source] if source != i else None,
                 per_layer_input=per_layer[:, :, i] if per_layer is not None else None,
             )
+            if i in read_later:
+                produced[i] = kv
         return self.norm(h)
 
 
