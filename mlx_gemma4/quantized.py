@@ -36,13 +36,13 @@ import mlx.nn as nn
 from . import precision, streams
 
 DEQUANTIZE_MIN_ROWS = 64
-# Dequantize at most this many weights at once (2 MB in float32). MLX's CPU
-# eval allocates the outputs of some 50 primitives ahead of the compute, so a
-# few blocks per stream are alive at once. Measured on E2B (10 layers, 127-token
-# prompt, 2 streams, fused `dequantize`): the peak above the weights is 29.5 MB
-# with 512 K-, 256 K- or 128 K-weight blocks, at the same speed (with
-# `mx.dequantize`: 55 / 38 / 34 MB for 1 M / 512 K / 256 K).
-DEQUANTIZE_MAX_WEIGHTS = 1 << 19
+# Dequantize at most this many weights at once (512 KB in float32). MLX's CPU
+# eval allocates the outputs of dozens of primitives ahead of the compute, so a
+# whole matrix's blocks can be alive at once. Measured, 128 rows, 2 streams:
+# 2816x8192, 8192x5376 and 5376x16384 4-bit products peak at 11 / 9 / 20 MB
+# above their input with 128 K-weight blocks, 21 / 20 / 31 MB with 512 K, at the
+# same speed (within 2 %); E2B 10-layer prefill of 128 tokens, 23 vs 26 MB.
+DEQUANTIZE_MAX_WEIGHTS = 1 << 17
 # Bounds on the weights of one part of a packed product. Below the lower one
 # another thread gains less than the hand-over costs (measured: a 128x1536
 # 4-bit matrix is slower split in two, a 256x1536 one 1.4x faster). The upper
