@@ -137,8 +137,9 @@ class RotatingKVCache:
         # Attention reads the copies kept (or waits for them): else they could
         # run after the whole forward pass, each holding its chunk's Q|K|V
         # buffers until then.
-        if n <= self.window and self._stored == n:
-            return self.keys[..., :n, :], self.values[..., :n, :]
+        attended = keys.shape[2]
+        if attended <= self.window:  # all kept, in order from slot 0
+            return self.keys[..., :attended, :], self.values[..., :attended, :]
         return tuple(mx.depends([keys, values], [self.keys, self.values]))
 
     def _with_room(self, x: mx.array, positions: int) -> mx.array:

@@ -323,15 +323,20 @@ def test_a_sliding_cache_grows_in_steps_up_to_its_window(monkeypatch):
     monkeypatch.setattr(RotatingKVCache, "step", 3)
     growing, whole = RotatingKVCache(window=8), RotatingKVCache(window=8)
     whole.step = 8
-    keys = mx.random.normal((1, 2, 30, 4))
+    keys = mx.arange(2 * 40 * 4, dtype=mx.float32).reshape(1, 2, 40, 4)  # grows with the position
     sizes = []
     for start, stop in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 7), (7, 8), (8, 9), (9, 10), (10, 13),
-                        (13, 14), (14, 25), (25, 26), (26, 27)]:
+                        (13, 14), (14, 25), (25, 26), (26, 27), (27, 35), (35, 36)]:
         chunk = keys[:, :, start:stop]
         fetched = growing.update_and_fetch(chunk, -chunk)
         expected = whole.update_and_fetch(chunk, -chunk)
         for a, b in zip(fetched, expected):
             assert mx.array_equal(a, b)
+        # A chunk attends over the 7 keys before it and its own, in order; a
+        # decoded token over the last 8 keys, in ring order.
+        attended = keys[:, :, max(0, start - 7 if stop - start > 1 else stop - 8):stop]
+        in_order = fetched[0] if stop - start > 1 else mx.sort(fetched[0], axis=2)
+        assert mx.array_equal(in_order, attended) and mx.array_equal(fetched[1], -fetched[0])
         assert all(mx.array_equal(a, b) for a, b in zip(growing.state, whole.state))
         sizes.append(growing.keys.shape[2])
         assert growing.keys.shape[2] >= min(stop, 8)

@@ -62,7 +62,9 @@ def test_greedy_continuation_past_window_matches_transformers(pair):
     assert greedy_mlx(model, ids, steps) == ref
 
 
-@pytest.mark.parametrize("chunks", [(7, 1, 11, 29), (1, 17, 13, 17), (5, 3, 3, 3, 3, 31)])
+# (3, 16, 16, 5): chunks of exactly the window after others, as the default
+# 512-token prefill steps are on a model with a 512-token window.
+@pytest.mark.parametrize("chunks", [(7, 1, 11, 29), (1, 17, 13, 17), (5, 3, 3, 3, 3, 31), (3, 16, 16, 5)])
 def test_chunked_prefill_through_cache_equals_one_call(pair, chunks):
     _, model, hf = pair
     ids = prompt_ids(hf.config.text_config.vocab_size, length=sum(chunks))
