@@ -68,6 +68,13 @@ def _row_indices(shape: Tuple[int, ...]) -> mx.array:
     return rows
 
 
+def _lhs_indices(x: mx.array, sorted_indices: bool) -> Optional[mx.array]:
+    """None for a sorted gather: MLX marks a gather as sorted by expert only
+    when it has no `lhs_indices` (ops.cpp), and only then does Metal run the
+    kernel that reads each expert's weights once for all its rows."""
+    return None if sorted_indices else _row_indices(x.shape[:-2])
+
+
 class ExpertLinear(nn.Module):
     """`num_experts` stacked linear maps; each row of `x` uses the expert its index picks."""
 
@@ -76,7 +83,7 @@ class ExpertLinear(nn.Module):
         self.weight = mx.zeros((num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=_row_indices(x.shape[:-2]),
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), lhs_indices=_lhs_indices(x, sorted_indices),
                             rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(self, group_size: Optional[int] = None, bits: Optional[int] = None, mode: str = "affine"):
@@ -115,7 +122,7 @@ class QuantizedExpertLinear(nn.Module):
             # (see `streams`), is faster.
             return self._copied_experts_matmul(x, indices)
         return mx.gather_qmm(
-            x, self.weight, self.scales, self.get("biases"), lhs_indices=_row_indices(x.shape[:-2]),
+            x, self.weight, self.scales, self.get("biases"), lhs_indices=_lhs_indices(x, sorted_indices),
             rhs_indices=indices, transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )

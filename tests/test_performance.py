@@ -217,6 +217,32 @@ def moe_4bit(four_bit):
     return load_model(four_bit("26b"))
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sorted_expert_gathers_leave_the_row_indices_to_mlx(moe, moe_4bit, quantized, monkeypatch):
+    """MLX marks a gather as sorted by expert only when it has no `lhs_indices`
+    (`sorted_indices && !lhs_indices` in its ops.cpp), and only then does Metal
+    run the kernel that reads each expert's weights once for all its rows.
+    Decode steps (unsorted) keep the constant row indices."""
+    from mlx_gemma4 import moe as moe_module
+
+    model = moe_4bit if quantized else moe
+    name = "gather_qmm" if quantized else "gather_mm"
+    real, calls = getattr(mx, name), []
+    monkeypatch.setattr(mx, name, lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    layer = model.language_model.model.layers[0]
+    for tokens, sort in [(1, False), (moe_module._SORT_THRESHOLD, True)]:
+        h = mx.random.normal((1, tokens, model.config.text_config.hidden_size))
+        experts, weights = layer.router(h)
+        on_cpu = layer.experts(h, experts, weights)
+        calls.clear()
+        with monkeypatch.context() as patch:
+            patch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route
+            on_gpu = layer.experts(h, experts, weights)
+        assert len(calls) == 2
+        assert all(call["sorted_indices"] == sort and (call["lhs_indices"] is None) == sort for call in calls)
+        np.testing.assert_allclose(np.array(on_gpu), np.array(on_cpu), rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_prefill_dequantizes_once_per_chunk_and_matches_quantized_matmul(e2b_4bit, monkeypatch):
     import mlx.nn as nn
     from mlx_gemma4 import quantized
