@@ -286,7 +286,7 @@ def run_geometry(folder: Path, geometry: str, budgets: Sequence[int], audio_seco
         for clip in clips:
             results[name][f"audio {clip.seconds:g} s"] = timing = measure(lambda: encode_audio(model, clip), reps)
             log(f"  audio {clip.seconds:g} s: {timing.seconds:.2f} s, peak {timing.peak_gb:.2f} GB")
-        del model
+        model = None  # free it before the next runtime loads
 
     rows = []
     for key, ours in results["ours"].items():
