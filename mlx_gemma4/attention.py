@@ -12,8 +12,9 @@ from .config import TextConfig
 
 KV = Tuple[mx.array, mx.array]
 Mask = Union[None, str, mx.array]
-# Shorter caches gain less from another thread than the hand-over costs.
-SPLIT_ATTENTION_MIN_KEYS = 1024
+# Attention with fewer query-key pairs per head gains less from another thread
+# than the hand-over costs (one decode query over fewer than 1024 keys).
+SPLIT_ATTENTION_MIN_SCORES = 1024
 
 
 def rope_periods(head_dim: int, theta: float, partial_rotary_factor: float) -> Optional[mx.array]:
@@ -34,14 +35,17 @@ def rope_periods(head_dim: int, theta: float, partial_rotary_factor: float) -> O
 
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     """Scaled dot-product attention with scale 1 (q_norm/k_norm replace the
-    1/sqrt(head_dim) scaling). On the CPU backend a decode step over a long
-    cache splits its heads over the CPU streams (see `streams`): measured
-    (2 cores, 10-layer E2B / 4-layer 26B-A4B, 4-bit), decode with 8K tokens
-    cached runs at 0.93x / 0.91x of a short-context decode, 0.87x / 0.86x
+    1/sqrt(head_dim) scaling). On the CPU backend, where MLX's attention runs on
+    one thread, the heads of a large enough call are split over the CPU streams
+    (see `streams`): decode over a long cache, prefill chunks, image patches.
+    Measured (2 cores, 10-layer E2B / 4-layer 26B-A4B, 4-bit), decode with 8K
+    tokens cached runs at 0.93x / 0.91x of a short-context decode, 0.87x / 0.86x
     with single-threaded attention."""
-    long_decode = mask is None and q.shape[2] == 1 and k.shape[2] >= SPLIT_ATTENTION_MIN_KEYS
+    large = q.shape[2] * k.shape[2] >= SPLIT_ATTENTION_MIN_SCORES
+    # Masks here never vary by head (None, "causal", [T, S] or [B, 1, T, S]).
+    per_head_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] > 1
     # The backend first: a GPU never makes the CPU streams.
-    lanes = streams.cpu_streams()[:q.shape[1]] if long_decode and precision.cpu_backend() else (None,)
+    lanes = streams.cpu_streams()[:q.shape[1]] if large and not per_head_mask and precision.cpu_backend() else (None,)
     parts, kv_heads = len(lanes), k.shape[1]
     if parts == 1 or (kv_heads > 1 and kv_heads % parts):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
@@ -49,7 +53,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     q_parts = mx.split(q, streams.split_points(q.shape[1], parts), axis=1)
     kv_parts = [(k, v)] * parts if kv_heads == 1 else zip(mx.split(k, parts, axis=1), mx.split(v, parts, axis=1))
     return streams.join([
-        mx.fast.scaled_dot_product_attention(part_q, part_k, part_v, scale=1.0, stream=stream)
+        mx.fast.scaled_dot_product_attention(part_q, part_k, part_v, scale=1.0, mask=mask, stream=stream)
         for part_q, (part_k, part_v), stream in zip(q_parts, kv_parts, lanes)
     ], axis=1)
 

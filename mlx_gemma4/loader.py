@@ -126,7 +126,6 @@ def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) ->
         return override if isinstance(override, dict) else True
 
     nn.quantize(model, **defaults, class_predicate=predicate)
-    use_cpu_routes(model)
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]) -> None:
@@ -171,6 +170,7 @@ def load_model(
     weights = model.sanitize(read_weights(folder))
     if config.quantization:
         _quantize(model, config.quantization, weights)
+    use_cpu_routes(model)
     check_weights(model, weights)
     try:
         compute = precision.compute_dtype(dtype, precision.checkpoint_dtype(weights))

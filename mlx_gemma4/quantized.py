@@ -1,4 +1,4 @@
-"""Quantized products on the CPU backend: spread over the cores, and
+"""Products on the CPU backend: spread over the cores, and (quantized ones)
 dequantized first for many rows.
 
 MLX's CPU `quantized_matmul` and its bundled reference BLAS each run on one
@@ -22,7 +22,11 @@ take 3.5x the block, and it is 1.4x slower.
 A prefill chunk's MLP is taken block by block of its intermediate width
 (`cpu_gated_mlp`), so its widest activations never exist whole.
 
-On a GPU, `quantized_matmul` has real many-row kernels and is always used.
+Unquantized layers (the vision and audio towers, float checkpoints) have their
+products split by output columns over the streams too (`split_matmul`).
+
+On a GPU, `quantized_matmul` and `matmul` have real many-row, many-core kernels
+and are always used.
 """
 
 from __future__ import annotations
@@ -174,6 +178,38 @@ def cpu_gated_mlp(x: mx.array, gate_up: nn.Module, down: nn.Module,
     return reduce(mx.add, sums.values()).reshape(*x.shape[:-1], hidden)
 
 
+def split_matmul(x: mx.array, weight: mx.array) -> mx.array:
+    """`x @ weight.T` for a float `weight` `[out, in]`, its output columns split
+    over the CPU streams when the product is large enough to gain from it."""
+    rows = x.size // x.shape[-1]
+    lanes = streams.cpu_streams()
+    parts = min(len(lanes), rows * weight.size // MIN_WEIGHTS_PER_PART, weight.shape[0])
+    if parts <= 1:
+        return x @ weight.T
+    bounds = streams.split_points(weight.shape[0], parts)
+    return streams.join([mx.matmul(x, w.T, stream=stream)
+                         for w, stream in zip(mx.split(weight, bounds), lanes)], axis=-1)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with the CPU route (`split_matmul`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not precision.cpu_backend():
+            return super().__call__(x)
+        y = split_matmul(x, self.weight)
+        return y + self["bias"] if "bias" in self else y
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` whose use as the (tied) LM head takes the CPU route."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        if not precision.cpu_backend():
+            return super().as_linear(x)
+        return split_matmul(x, self.weight)
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` with the CPU route described above."""
 
@@ -204,11 +240,14 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
         return cpu_quantized_matmul(x, self, MAX_LM_HEAD_PART)
 
 
+_ROUTED = {nn.Linear: Linear, nn.Embedding: Embedding,
+           nn.QuantizedLinear: QuantizedLinear, nn.QuantizedEmbedding: QuantizedEmbedding}
+
+
 def use_cpu_routes(model: nn.Module) -> None:
-    """Give every quantized linear layer and embedding of `model` the CPU route
-    (the classes only add a branch; parameters are untouched)."""
+    """Give every linear layer and embedding of `model` the CPU route (the
+    classes only add a branch; parameters are untouched)."""
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = QuantizedLinear
-        elif type(module) is nn.QuantizedEmbedding:
-            module.__class__ = QuantizedEmbedding
+        routed = _ROUTED.get(type(module))
+        if routed is not None:
+            module.__class__ = routed

@@ -1,11 +1,10 @@
 """CPU streams: how this package spreads work over the cores, per thread.
 
 MLX's CPU kernels each run on one thread, but every CPU stream has its own
-thread: work split over one stream per core runs at once (the packed and
-dequantized products in `quantized`, the expert gathers in `moe`, long decode
-attention in `attention`). MLX streams belong to the thread that made them, so
-the streams are made per thread, and a worker thread's MLX state is cleaned up
-as it ends.
+thread: work split over one stream per core runs at once (the products in
+`quantized`, the expert gathers in `moe`, the attention heads in `attention`).
+MLX streams belong to the thread that made them, so the streams are made per
+thread, and a worker thread's MLX state is cleaned up as it ends.
 """
 
 from __future__ import annotations

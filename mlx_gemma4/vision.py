@@ -16,6 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from .attention import attend
 from .clippable_linear import ClippableLinear
 
 
@@ -106,8 +107,7 @@ class VisionAttention(nn.Module):
         k = rope_2d(self.k_norm(self.k_proj(x).reshape(B, N, self.n_kv_heads, self.head_dim)), cos, sin)
         v = mx.fast.rms_norm(self.v_proj(x).reshape(B, N, self.n_kv_heads, self.head_dim), None, self.eps)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        # q_norm/k_norm replace the 1/sqrt(head_dim) scaling, as in the text model.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        out = attend(q, k, v, mask)  # scale 1, as in the text model
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, N, -1))
 
 

@@ -445,7 +445,7 @@ def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv
 
     streams = (None,) + tuple(mx.new_stream(mx.cpu) for _ in range(n_streams - 1))
     monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
-    keys = attention.SPLIT_ATTENTION_MIN_KEYS + 3
+    keys = attention.SPLIT_ATTENTION_MIN_SCORES + 3
     q = mx.random.normal((1, 4, 1, 16))
     k, v = mx.random.normal((1, kv_heads, keys, 16)), mx.random.normal((1, kv_heads, keys, 16))
     reference = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -458,6 +458,48 @@ def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv
     monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # a GPU neither splits nor makes CPU streams
     monkeypatch.setattr(streams_module, "cpu_streams", lambda: pytest.fail("CPU streams made on a GPU"))
     assert "Concatenate" not in graph_labels(attention.attend(q, k, v, None))
+
+
+def test_cpu_prefill_and_image_attention_split_heads_over_the_streams(monkeypatch):
+    """Prefill chunks and image patches (many queries) split their heads too,
+    with any mask that does not vary by head; a per-head mask is not split."""
+    from mlx_gemma4 import attention
+
+    streams = (None, mx.new_stream(mx.cpu))
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
+    q, k, v = (mx.random.normal((2, 4, 40, 16)) for _ in range(3))
+    assert 40 * 40 >= attention.SPLIT_ATTENTION_MIN_SCORES
+    padding = mx.arange(40) < mx.array([40, 31])[:, None]  # the second image's last 9 patches are padding
+    per_head = mx.broadcast_to(mx.tril(mx.ones((40, 40), dtype=mx.bool_)), (2, 4, 40, 40))
+    for mask, splits in ((None, True), ("causal", True), (mx.tril(mx.ones((40, 40), dtype=mx.bool_)), True),
+                         (padding[:, None, None, :], True), (per_head, False)):
+        reference = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        out = attention.attend(q, k, v, mask)
+        assert ("Concatenate" in graph_labels(out)) == splits
+        assert mx.allclose(out, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_float_products_are_shared_out_over_the_streams(e2b, tiny_checkpoint, monkeypatch):
+    """Unquantized layers (float checkpoints, the vision and audio towers) split
+    their products by output columns over the CPU streams; small ones do not."""
+    import mlx.nn as nn
+    from mlx_gemma4 import quantized
+
+    model = load_model(tiny_checkpoint("e2b"))
+    routed = [m for _, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert routed and all(type(m) in (quantized.Linear, quantized.Embedding) for m in routed)
+    assert any(type(m) is quantized.Linear for _, m in model.vision_tower.named_modules())
+
+    streams = (None, mx.new_stream(mx.cpu), mx.new_stream(mx.cpu))
+    monkeypatch.setattr(streams_module, "cpu_streams", lambda: streams)
+    proj = e2b.language_model.model.layers[0].mlp.gate_up_proj
+    head = e2b.language_model.model.embed_tokens
+    x = mx.random.normal((1, 5, proj.weight.shape[1]))
+    assert "Concatenate" not in graph_labels(proj(x))  # too small to gain from a split
+    monkeypatch.setattr(quantized, "MIN_WEIGHTS_PER_PART", 1)
+    for out, reference in ((proj(x), nn.Linear.__call__(proj, x)), (head.as_linear(x), x @ head.weight.T)):
+        assert graph_labels(out).count("Matmul") == len(streams)
+        assert mx.allclose(out, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_checkpoint):
