@@ -42,7 +42,7 @@ def attend(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
     tokens cached runs at 0.93x / 0.91x of a short-context decode, 0.87x / 0.86x
     with single-threaded attention."""
     large = q.shape[2] * k.shape[2] >= SPLIT_ATTENTION_MIN_SCORES
-    # Masks here never vary by head (None, "causal", [T, S] or [B, 1, T, S]).
+    # Our masks are shared by all heads (None, "causal", [T, S], [B, 1, T, S]); a per-head one is not split.
     per_head_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] > 1
     # The backend first: a GPU never makes the CPU streams.
     lanes = streams.cpu_streams()[:q.shape[1]] if large and not per_head_mask and precision.cpu_backend() else (None,)
