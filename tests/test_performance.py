@@ -1,6 +1,7 @@
 """Guards of the performance levers; nothing here is timed."""
 
 import ast
+import copy
 import re
 import tempfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import mlx_gemma4
+from mlx_gemma4 import moe as moe_module
 from mlx_gemma4 import precision
 from mlx_gemma4 import streams as streams_module
 from mlx_gemma4.cache import attention_masks
@@ -223,7 +225,6 @@ def test_sorted_expert_gathers_leave_the_row_indices_to_mlx(moe, moe_4bit, quant
     (`sorted_indices && !lhs_indices` in its ops.cpp), and only then does Metal
     run the kernel that reads each expert's weights once for all its rows.
     Decode steps (unsorted) keep the constant row indices."""
-    from mlx_gemma4 import moe as moe_module
 
     model = moe_4bit if quantized else moe
     name = "gather_qmm" if quantized else "gather_mm"
@@ -421,15 +422,36 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit
     assert graph_labels(head.as_linear(x)).count("QuantizedMatmul") == -(-vocab // 16) > len(streams)
     assert mx.array_equal(head.as_linear(x), nn.QuantizedEmbedding.as_linear(head, x))
 
-    experts = moe_4bit.language_model.model.layers[0].experts.switch_glu.gate_up_proj
+    # Many tokens: each stream gathers its run of the rows sorted by expert and adds them up at their tokens.
+    layer = moe_4bit.language_model.model.layers[0]
+    h = mx.random.normal((1, moe_module._SORT_THRESHOLD, moe_4bit.config.text_config.hidden_size))
+    chosen, weights = layer.router(h)
+    labels = graph_labels(layer.experts(h, chosen, weights))
+    assert labels.count("GatherQMM") == 2 * len(streams) and labels.count("Scatter Sum") == len(streams)
+    on_cpu = layer.experts(h, chosen, weights)
+    with monkeypatch.context() as patch:
+        patch.setattr(precision, "cpu_backend", lambda: False)  # one gather per projection
+        np.testing.assert_allclose(np.array(layer.experts(h, chosen, weights)), np.array(on_cpu), rtol=1e-5, atol=1e-5)
+    # Gate and up left unfused (as when their quantization differs) take the same route.
+    glu = layer.experts.switch_glu
+    fused, width = glu.gate_up_proj, glu.gate_up_proj.weight.shape[1] // 2
+    halves = [copy.copy(fused), copy.copy(fused)]
+    for i, half in enumerate(halves):
+        for name in ("weight", "scales", "biases"):
+            half[name] = fused[name][:, i * width:(i + 1) * width]
+    try:
+        delattr(glu, "gate_up_proj")
+        glu.gate_proj, glu.up_proj = halves
+        assert graph_labels(layer.experts(h, chosen, weights)).count("GatherQMM") == 3 * len(streams)
+        np.testing.assert_allclose(np.array(layer.experts(h, chosen, weights)), np.array(on_cpu), rtol=1e-5, atol=1e-5)
+    finally:
+        delattr(glu, "gate_proj"), delattr(glu, "up_proj")
+        glu.gate_up_proj = fused
+
+    experts = layer.experts.switch_glu.gate_up_proj
     rows = 7
     x = mx.random.normal((rows, 1, experts.scales.shape[-1] * experts.group_size))
     indices = mx.sort(mx.random.randint(0, experts.weight.shape[0], (rows,)).astype(mx.uint32))
-    labels = graph_labels(experts(x, indices, sorted_indices=True))
-    assert labels.count("GatherQMM") == len(streams)
-    reference = mx.gather_qmm(x, experts.weight, experts.scales, experts.get("biases"), rhs_indices=indices,
-                              transpose=True, group_size=experts.group_size, bits=experts.bits, sorted_indices=True)
-    assert mx.array_equal(experts(x, indices, sorted_indices=True), reference)
     token, chosen = x[None, :1], indices[None, :len(streams)]  # one token, unsorted: copied experts
     assert graph_labels(experts(token, chosen, sorted_indices=False)).count("QuantizedMatmul") == len(streams)
     reference = mx.gather_qmm(token, experts.weight, experts.scales, experts.get("biases"), rhs_indices=chosen,
