@@ -75,6 +75,14 @@ def _lhs_indices(x: mx.array, sorted_indices: bool) -> Optional[mx.array]:
     return None if sorted_indices else _row_indices(x.shape[:-2])
 
 
+def _sort_by_expert(indices: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """The (token, expert) pairs of `indices` [..., k] sorted by expert: their
+    positions among the flattened pairs, their tokens and their experts."""
+    flat = indices.flatten()
+    order = mx.argsort(flat)
+    return order, order // indices.shape[-1], flat[order]
+
+
 class ExpertLinear(nn.Module):
     """`num_experts` stacked linear maps; each row of `x` uses the expert its index picks."""
 
@@ -171,10 +179,8 @@ class ExpertGLU(nn.Module):
         x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, H]: one row per token
         sort = indices.size >= _SORT_THRESHOLD
         if sort:
-            flat = indices.flatten()
-            order = mx.argsort(flat)
-            x = x.flatten(0, -3)[order // shape[-1]]
-            indices = flat[order]
+            order, tokens, indices = _sort_by_expert(indices)
+            x = x.flatten(0, -3)[tokens]
         if "gate_up_proj" in self:  # fused at load time (see `fusion`)
             gate, up = mx.split(self.gate_up_proj(x, indices, sort), 2, axis=-1)
         else:
@@ -241,11 +247,10 @@ class Experts(nn.Module):
         fused = "gate_up_proj" in glu
         gate_up = [glu.gate_up_proj] if fused else [glu.gate_proj, glu.up_proj]
         casts = [proj.cast_quantization(x.dtype) for proj in gate_up + [glu.down_proj]]
-        k, hidden = experts.shape[-1], x.shape[-1]
+        hidden = x.shape[-1]
         inputs = x.reshape(-1, 1, hidden)
-        flat = experts.flatten()
-        order = mx.argsort(flat)
-        runs = [order // k, flat[order], weights.flatten()[order].astype(x.dtype)[:, None, None]]
+        order, pair_tokens, pair_experts = _sort_by_expert(experts)
+        runs = [pair_tokens, pair_experts, weights.flatten()[order].astype(x.dtype)[:, None, None]]
         lanes = streams.cpu_streams()
         bounds = [0, *streams.split_points(order.size, len(lanes)), order.size]
         sums = []
@@ -257,6 +262,7 @@ class Experts(nn.Module):
                 gate, up = mx.split(outputs[0], 2, axis=-1) if fused else outputs
                 h = geglu(gate, up) * routing
                 y = glu.down_proj.gather_rows(h, _row_indices(h.shape[:-2]), chosen, casts[-1], stream)
+                # Summed in float32 whatever the compute dtype: a token's k outputs add up here.
                 total = mx.zeros((inputs.shape[0], hidden), mx.float32)
                 sums.append(total.at[tokens].add(y.squeeze(-2).astype(mx.float32)))
         return reduce(mx.add, sums).reshape(x.shape).astype(x.dtype)
