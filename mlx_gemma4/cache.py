@@ -81,6 +81,10 @@ class KVCache:
         """Forget every token after `checkpoint` (later writes overwrite them)."""
         self.offset = checkpoint
 
+    def rewind(self, checkpoint: int, written: int, kept: int) -> None:
+        """Keep only the first `kept` of the `written` tokens added since `checkpoint`."""
+        self.offset = checkpoint + kept
+
     def load_state(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
@@ -187,6 +191,17 @@ class RotatingKVCache:
         self.keys = None if keys is None else keys[...]
         self.values = None if values is None else values[...]
 
+    def rewind(self, checkpoint: tuple, written: int, kept: int) -> None:
+        """Keep only the first `kept` of the `written` tokens added since
+        `checkpoint` (at most a window): the window before them may have been
+        overwritten, so the checkpoint is restored and the kept ones re-added."""
+        if kept == written:
+            return
+        keys, values = (x[..., x.shape[2] - written:, :][..., :kept, :] for x in self.state)
+        self.restore(checkpoint)
+        if kept:
+            self.update_and_fetch(keys, values)
+
     def load_state(self, keys: mx.array, values: mx.array, offset: int) -> None:
         """Keys and values in temporal order (as `state` gives them)."""
         self.offset, self._next = offset, 0
@@ -206,6 +221,18 @@ def make_cache(config: TextConfig, max_kv_size: Optional[int] = None) -> List:
         RotatingKVCache(config.sliding_window) if config.is_sliding(i) else global_cache()
         for i in range(config.first_kv_shared_layer)
     ]
+
+
+def prefill(model, prompt: mx.array, cache: List, step_size: int, multimodal_inputs: Optional[dict]) -> None:
+    """Feed all but the last token of `prompt` into `cache`, in chunks of
+    `step_size` (a prompt with images or audio in one call, so every image
+    block is seen whole). Evaluating just the cache states skips the LM head and
+    the KV-shared layers."""
+    context = prompt[:-1]
+    step_size = context.size if multimodal_inputs else step_size
+    for start in range(0, context.size, max(step_size, 1)):
+        model(context[None, start:start + step_size], cache, **(multimodal_inputs or {}))
+        mx.eval([c.state for c in cache])
 
 
 def cache_offset(cache: Optional[List]) -> int:

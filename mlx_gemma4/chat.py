@@ -19,9 +19,9 @@ from typing import Iterator, List, Optional
 import mlx.core as mx
 
 from .cache import load_prompt_cache, save_prompt_cache
-from .cli import add_model_arguments, check_arguments, print_piece, print_stats, read_tools, sampling_setup
+from .cli import add_model_arguments, check_arguments, load_models, print_piece, print_stats, read_tools, sampling_setup
 from .generate import Response, stream_generate
-from .loader import CheckpointError, load
+from .loader import CheckpointError
 from .response import GenerationResult
 from .tools import tool_schemas
 
@@ -236,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
-        model, processor = load(args.model, revision=args.revision, dtype=args.dtype)
+        model, processor, drafter = load_models(args)
         session = ChatSession(model, processor, system=args.system, tools=read_tools(args.tools),
                               enable_thinking=args.thinking, max_kv_size=args.max_kv_size,
                               image_token_budget=args.image_budget)
@@ -269,7 +269,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         last = None
         try:
             for last in session.send(line, images=attached["image"], audio=attached["audio"],
-                                     max_tokens=args.max_tokens, sampler=sampler, logits_processors=processors):
+                                     max_tokens=args.max_tokens, sampler=sampler, logits_processors=processors,
+                                     draft_model=drafter, draft_tokens=args.draft_tokens):
                 print_piece(last, args.show_thinking, color)
         except KeyboardInterrupt:
             print("\n[interrupted; that turn was dropped]")

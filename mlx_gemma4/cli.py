@@ -11,6 +11,7 @@ from typing import List, Optional
 import mlx.core as mx
 
 from .audio_features import prepare_audio, split_at_silence
+from .drafter import load_drafter
 from .generate import stream_generate, stop_token_ids
 from .image_processing import SUPPORTED_BUDGETS
 from .loader import CheckpointError, load
@@ -44,6 +45,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tools", type=Path, default=None, help="a JSON file with a list of tool schemas")
     p.add_argument("--image-budget", type=int, choices=SUPPORTED_BUDGETS, default=None,
                    help="soft tokens per image (default: the checkpoint's)")
+    p.add_argument("--draft-model", default=None,
+                   help="the model's MTP drafter ('-assistant' repo or folder) for speculative decoding")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="tokens drafted per round (default: the drafter's, else 3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +80,21 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--min-p must be in [0, 1)")
     if args.max_kv_size is not None and args.max_kv_size <= 0:
         raise ValueError("--max-kv-size must be positive")
+    if args.draft_tokens is not None and (args.draft_model is None or args.draft_tokens < 1):
+        raise ValueError("--draft-tokens needs --draft-model and must be at least 1")
+    if args.draft_model and args.repetition_penalty not in (None, 1.0):
+        raise ValueError("--repetition-penalty cannot be combined with --draft-model; drop one")
     files = (getattr(args, "image", None) or []) + (getattr(args, "audio", None) or [])
     for file in files + ([args.video] if getattr(args, "video", None) else []):
         if "://" not in file and not Path(file).is_file():
             raise ValueError(f"{file}: no such file")
+
+
+def load_models(args: argparse.Namespace) -> tuple:
+    """The model, its processor and its drafter (None without --draft-model)."""
+    model, processor = load(args.model, revision=args.revision, dtype=args.dtype)
+    drafter = load_drafter(args.draft_model, model) if args.draft_model else None
+    return model, processor, drafter
 
 
 def read_tools(path: Optional[Path]) -> Optional[list]:
@@ -135,6 +151,8 @@ def print_stats(last) -> None:
     print("=" * 10)
     print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
     print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
+    if last.draft_acceptance is not None:
+        print(f"Drafts accepted: {100 * last.draft_acceptance:.1f}%")
     print(f"Peak memory: {last.peak_memory_gb:.3f} GB")
 
 
@@ -143,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         check_arguments(args)
         tools = read_tools(args.tools)
-        model, processor = load(args.model, revision=args.revision, dtype=args.dtype)
+        model, processor, drafter = load_models(args)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,6 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             stop_tokens=stop_token_ids(model, processor), cache=model.make_cache(max_kv_size=args.max_kv_size),
             tools=tools, enable_thinking=args.thinking, images=args.image, audio=audio,
             videos=[args.video] if args.video else None, image_token_budget=args.image_budget,
+            draft_model=drafter, draft_tokens=args.draft_tokens,
         ):
             print_piece(last, args.show_thinking, color)
     except KeyboardInterrupt:

@@ -16,6 +16,8 @@ FULL = "full_attention"
 # Top-level model types this package can run. New family members (e.g. the 12B
 # `gemma4_unified`, which has no vision/audio encoders) need their own code path.
 SUPPORTED_MODEL_TYPES = ("gemma4", "gemma4_text")
+# The multi-token-prediction drafters ("-assistant" checkpoints), see `drafter`.
+DRAFTER_MODEL_TYPE = "gemma4_assistant"
 
 
 def _fill(cls, params: dict, where: str):
@@ -109,12 +111,13 @@ class TextConfig:
                     f"{where}: layer {layer} has {heads} key/value heads, which does not "
                     f"divide num_attention_heads={self.num_attention_heads}"
                 )
-        if not 0 <= self.num_kv_shared_layers < self.num_hidden_layers:
+        # Every layer shared: an MTP drafter, which attends over its target's K/V.
+        if not 0 <= self.num_kv_shared_layers <= self.num_hidden_layers:
             raise ValueError(
                 f"{where}.num_kv_shared_layers={self.num_kv_shared_layers} must be in "
-                f"[0, num_hidden_layers={self.num_hidden_layers})"
+                f"[0, num_hidden_layers={self.num_hidden_layers}]"
             )
-        if self.num_kv_shared_layers:
+        if 0 < self.num_kv_shared_layers < self.num_hidden_layers:
             owners = set(self.layer_types[: self.first_kv_shared_layer])
             if owners != set(self.layer_types):
                 raise ValueError(
@@ -139,12 +142,13 @@ class TextConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
-    def kv_source_layer(self, layer: int) -> int:
-        """The layer whose K/V `layer` attends over (itself unless KV-shared)."""
+    def kv_source_layer(self, layer: int) -> Optional[int]:
+        """The layer whose K/V `layer` attends over: itself unless KV-shared;
+        None in a drafter, whose layers all read the target's K/V."""
         if layer < self.first_kv_shared_layer:
             return layer
         kind = self.layer_types[layer]
-        return max(i for i in range(self.first_kv_shared_layer) if self.layer_types[i] == kind)
+        return max((i for i in range(self.first_kv_shared_layer) if self.layer_types[i] == kind), default=None)
 
     def _layer_overrides(self) -> list:
         if self.per_layer_config is not None:
@@ -206,6 +210,9 @@ class ModelConfig:
     def from_dict(cls, config: dict) -> "ModelConfig":
         """Parse a `config.json` dict (top-level `gemma4` or bare `gemma4_text`)."""
         model_type = config.get("model_type")
+        if model_type == DRAFTER_MODEL_TYPE:
+            raise ValueError("config.json: this is an MTP drafter (gemma4_assistant), not a model to run alone; "
+                             "pass it as the draft model of its Gemma 4 target (--draft-model)")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"config.json: model_type '{model_type}' is not supported; "
@@ -222,6 +229,9 @@ class ModelConfig:
                     f"config.json: text_config.model_type '{text['model_type']}' is not supported"
                 )
         text_config = TextConfig.from_dict(text)
+        if text_config.first_kv_shared_layer == 0:
+            raise ValueError("config.json: every text layer shares K/V (num_kv_shared_layers = num_hidden_layers), "
+                             "which only an MTP drafter does; check num_kv_shared_layers")
         eos = config.get("eos_token_id", text_config.eos_token_id)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return cls(

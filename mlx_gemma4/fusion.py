@@ -50,11 +50,16 @@ def _fuse_into(owner: nn.Module, names: List[str], fused_name: str) -> bool:
 
 
 def fuse(model: nn.Module) -> None:
+    """Fuse the decoder layers of a loaded `Model` (see `fuse_layers`)."""
+    fuse_layers(model.language_model.model.layers)
+
+
+def fuse_layers(layers: List[nn.Module]) -> None:
     """Fuse, in place, every decoder layer's Q/K/V (when the layer owns K/V),
     the dense MLP's gate/up and the experts' gate/up projections, and store the
     constants a step would otherwise rebuild from the loaded weights: the
     stacked q/k norm weights and the router's scaled norm weight."""
-    for layer in model.language_model.model.layers:
+    for layer in layers:
         attn = layer.self_attn
         if attn.owns_kv:
             names = ["q_proj", "k_proj"] + (["v_proj"] if "v_proj" in attn else [])

@@ -17,6 +17,8 @@ import mlx.core as mx
 from tokenizers.decoders import DecodeStream
 
 from . import streams
+from .cache import prefill
+from .speculative import speculative_tokens
 from .response import ANSWER, ChannelParser, GenerationResult, starts_inside_thought
 from .tools import tool_schemas
 
@@ -39,6 +41,8 @@ class Response:
     peak_memory_gb: float
     finish_reason: Optional[str] = None
     logprobs: Optional[mx.array] = None
+    # With a draft model: the share of drafted tokens the model accepted so far.
+    draft_acceptance: Optional[float] = None
 
 
 def generate_tokens(
@@ -71,13 +75,7 @@ def generate_tokens(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs
 
-    # Everything but the last prompt token only fills the caches: evaluating
-    # just the cache states skips the LM head and the KV-shared layers there.
-    context = prompt[:-1]
-    step_size = context.size if multimodal_inputs else prefill_step_size
-    for start in range(0, context.size, max(step_size, 1)):
-        model(context[None, start:start + step_size], cache, **(multimodal_inputs or {}))
-        mx.eval([c.state for c in cache])
+    prefill(model, prompt, cache, prefill_step_size, multimodal_inputs)
     token, logprobs = step(prompt[-1:], {})
     mx.async_eval(token, logprobs)
     try:
@@ -136,6 +134,8 @@ def stream_generate(
     image_token_budget: Optional[int] = None,
     video_token_budget: Optional[int] = None,
     return_logprobs: bool = False,
+    draft_model=None,
+    draft_tokens: Optional[int] = None,
 ) -> Iterator[Response]:
     """Stream the continuation of `prompt`.
 
@@ -147,6 +147,10 @@ def stream_generate(
     belongs to: thinking, answer or tool_call, tags removed. Stops after
     `max_tokens` or at a stop token (default: every EOS id of config.json,
     generation_config.json and the tokenizer), which is not emitted.
+
+    `draft_model` (a `drafter.Drafter` loaded with `load_drafter`) turns on
+    speculative decoding with `draft_tokens` drafts per round (default: the
+    drafter's); the tokens are the same as without it (see `speculative`).
     """
     budgets = {k: v for k, v in (("image_token_budget", image_token_budget),
                                  ("video_token_budget", video_token_budget)) if v is not None}
@@ -164,9 +168,17 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     prompt_tps = 0.0
-    tokens = generate_tokens(model, mx.array(ids, dtype=mx.int32), cache=cache, sampler=sampler,
-                             logits_processors=logits_processors, prefill_step_size=prefill_step_size,
-                             multimodal_inputs=multimodal)
+    prompt_ids = mx.array(ids, dtype=mx.int32)
+    draft_stats = {}
+    if draft_model is None:
+        tokens = generate_tokens(model, prompt_ids, cache=cache, sampler=sampler, logits_processors=logits_processors,
+                                 prefill_step_size=prefill_step_size, multimodal_inputs=multimodal)
+    elif logits_processors:
+        raise ValueError("a repetition penalty (logits processors) cannot be combined with a draft model; drop one")
+    else:
+        tokens = speculative_tokens(model, draft_model, prompt_ids, cache=cache, sampler=sampler,
+                                    draft_tokens=draft_tokens, prefill_step_size=prefill_step_size,
+                                    multimodal_inputs=multimodal, stats=draft_stats)
     stream = TextStream(processor)
     for n, (token, logprobs) in zip(range(1, max_tokens + 1), tokens):
         if n == 1:
@@ -185,6 +197,7 @@ def stream_generate(
                 peak_memory_gb=mx.get_peak_memory() / 1e9,
                 finish_reason=finish if i == len(pieces) - 1 else None,
                 logprobs=logprobs if return_logprobs else None,
+                draft_acceptance=draft_stats["accepted"] / draft_stats["drafted"] if draft_stats.get("drafted") else None,
             )
         if finish:
             return

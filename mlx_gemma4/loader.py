@@ -86,7 +86,7 @@ def read_weights(folder: Path) -> Dict[str, mx.array]:
     return weights
 
 
-def _read_generation_config(folder: Path) -> dict:
+def read_generation_config(folder: Path) -> dict:
     file = folder / "generation_config.json"
     if not file.is_file():
         return {}
@@ -115,7 +115,7 @@ def _check_safetensors(file: Path) -> None:
         )
 
 
-def _quantize(model: Model, quantization: dict, weights: Dict[str, mx.array]) -> None:
+def quantize_stored(model: nn.Module, quantization: dict, weights: Dict[str, mx.array]) -> None:
     """Turn the layers the checkpoint stores quantized into quantized modules."""
     defaults = {k: quantization[k] for k in ("group_size", "bits", "mode") if k in quantization}
 
@@ -159,7 +159,7 @@ def load_model(
         config = ModelConfig.from_dict(read_config(folder))
     except ValueError as e:
         raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
-    config.generation = _read_generation_config(folder)
+    config.generation = read_generation_config(folder)
     extra_eos = config.generation.get("eos_token_id", [])
     for token in [extra_eos] if isinstance(extra_eos, int) else extra_eos:
         if token not in config.eos_token_ids:
@@ -167,11 +167,7 @@ def load_model(
     if text_only:
         config.vision_config = config.audio_config = None
     model = Model(config)
-    weights = model.sanitize(read_weights(folder))
-    if config.quantization:
-        _quantize(model, config.quantization, weights)
-    use_cpu_routes(model)
-    check_weights(model, weights)
+    weights = read_into(model, folder, config.quantization)
     try:
         compute = precision.compute_dtype(dtype, precision.checkpoint_dtype(weights))
     except ValueError as e:
@@ -193,11 +189,28 @@ def load_model(
     mx.eval([v for _, module in model.named_modules() for k, v in module.items()
              if k.startswith("_") and isinstance(v, mx.array)])
     if not lazy:
-        # One tensor at a time: a single eval of everything would hold each
-        # mapped source and its cast or fused copy at once (peak ~2x weights).
-        for _, parameter in sorted(tree_flatten(model.parameters()), key=lambda p: -p[1].nbytes):
-            mx.eval(parameter)
+        evaluate_parameters(model)
     return model
+
+
+def read_into(module: nn.Module, folder: Path, quantization: Optional[dict]) -> Dict[str, mx.array]:
+    """`folder`'s weights under `module`'s names (its `sanitize`), checked
+    against its parameters once the layers stored quantized are quantized;
+    every layer gets its CPU route."""
+    weights = module.sanitize(read_weights(folder))
+    if quantization:
+        quantize_stored(module, quantization, weights)
+    use_cpu_routes(module)
+    check_weights(module, weights)
+    return weights
+
+
+def evaluate_parameters(module: nn.Module) -> None:
+    """Evaluate the loaded parameters one at a time, largest first: a single
+    eval of everything would hold each mapped source and its cast or fused copy
+    at once (peak ~2x weights)."""
+    for _, parameter in sorted(tree_flatten(module.parameters()), key=lambda p: -p[1].nbytes):
+        mx.eval(parameter)
 
 
 def load(

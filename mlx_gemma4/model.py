@@ -56,12 +56,14 @@ class Model(nn.Module):
         mm_token_type_ids: Optional[mx.array] = None,
         input_features: Optional[mx.array] = None,
         input_features_mask: Optional[mx.array] = None,
+        return_hidden: bool = False,
         **other_inputs,
-    ) -> mx.array:
+    ):
         """Logits for `input_ids` `[B, T]`, with the processor's image / video
         outputs merged in at their placeholder tokens. `mm_token_type_ids`
         (1 image, 2 video) marks the bidirectional blocks; when omitted they are
-        read off the placeholder ids."""
+        read off the placeholder ids. With `return_hidden`, `(logits, final
+        normed hidden states)` (what an MTP drafter reads)."""
         given = sorted(k for k, v in other_inputs.items() if v is not None)
         if given:
             raise ValueError(f"unsupported model input(s) {', '.join(given)}")
@@ -86,7 +88,7 @@ class Model(nn.Module):
             if embeddings is None:
                 embeddings = self.language_model.model.embed(ids)
             embeddings = merge_features(embeddings, input_ids, self.config.audio_token_id, features, "audio")
-        return self.language_model(ids, cache, embeddings, blocks)
+        return self.language_model(ids, cache, embeddings, blocks, return_hidden)
 
     def encode_vision(self, pixel_values: mx.array, position_ids: mx.array, kind: str = "image") -> mx.array:
         """Soft-token embeddings `[total_tokens, text_hidden]` of processed

@@ -131,7 +131,8 @@ class LanguageModel(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def __call__(self, input_ids, cache=None, input_embeddings=None, vision_blocks=None) -> mx.array:
+    def __call__(self, input_ids, cache=None, input_embeddings=None, vision_blocks=None, return_hidden=False):
+        """Soft-capped logits; with `return_hidden`, `(logits, final normed hidden states)`."""
         h = self.model(input_ids, cache, input_embeddings, vision_blocks)
         if "lm_head" in self:
             logits = self.lm_head(h)
@@ -140,7 +141,7 @@ class LanguageModel(nn.Module):
         cap = self.config.final_logit_softcapping
         if cap:
             logits = softcap(logits, mx.array(cap, dtype=logits.dtype))
-        return logits
+        return (logits, h) if return_hidden else logits
 
     def make_cache(self, max_kv_size: Optional[int] = None) -> List:
         return make_cache(self.config, max_kv_size)

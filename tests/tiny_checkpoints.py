@@ -447,3 +447,59 @@ def build_checkpoint(
     }
     (out_dir / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
     return out_dir
+
+
+def drafter_config(variant: str, *, ordered: bool, sliding_window: int = 16) -> dict[str, Any]:
+    """Tiny ``Gemma4AssistantConfig`` kwargs for the target ``variant``: 4 KV-shared layers (3 sliding, 1 full)
+    whose K/V geometry per attention type is the target's, as a real "-assistant" drafter's is."""
+    target = text_config(variant, sliding_window)
+    text = {
+        **{k: target[k] for k in ("vocab_size", "head_dim", "global_head_dim", "num_key_value_heads",
+                                  "num_global_key_value_heads", "attention_k_eq_v", "rope_parameters",
+                                  "sliding_window", "hidden_activation", "rms_norm_eps", "pad_token_id",
+                                  "bos_token_id", "eos_token_id", "max_position_embeddings")},
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention"] * 3 + ["full_attention"],
+        "num_kv_shared_layers": 4,
+        "hidden_size_per_layer_input": 0,
+        "vocab_size_per_layer_input": 0,
+        "use_double_wide_mlp": False,
+        "enable_moe_block": False,
+        "final_logit_softcapping": None,
+        "tie_word_embeddings": True,
+    }
+    return {
+        "text_config": text,
+        "backbone_hidden_size": target["hidden_size"],
+        "use_ordered_embeddings": ordered,
+        # The tiny vocabulary (600) in 8 clusters of 75 tokens; 3 of them scored.
+        "num_centroids": 8,
+        "centroid_intermediate_top_k": 3,
+    }
+
+
+def build_drafter(out_dir: str | Path, variant: str, *, ordered: bool = True, seed: int = 0,
+                  sliding_window: int = 16) -> Path:
+    """Writes a tiny random MTP drafter (``Gemma4AssistantForCausalLM``) for the target ``variant`` to ``out_dir``;
+    ``ordered`` gives it the clustered LM head of the E-series drafters, else the dense tied head."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = Gemma4AssistantForCausalLM(
+        Gemma4AssistantConfig(**drafter_config(variant, ordered=ordered, sliding_window=sliding_window)))
+    with torch.no_grad():
+        seen: set[int] = set()
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            if name == "masked_embedding.token_ordering":
+                tensor.copy_(torch.randperm(tensor.numel()))  # a permutation of the vocabulary
+            else:
+                tensor.copy_(_redrawn(name, tensor))
+    model.save_pretrained(out_dir)
+    return out_dir

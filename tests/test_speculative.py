@@ -1,0 +1,271 @@
+"""Speculative decoding with an MTP drafter: the drafter against transformers' Gemma4AssistantForCausalLM and its
+candidate generator, and the speculative stream against plain decoding (tokens, log-probabilities, caches)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma4 import CheckpointError, load, load_drafter
+from mlx_gemma4 import speculative
+from mlx_gemma4.cache import RotatingKVCache
+from mlx_gemma4.cli import main as cli_main
+from mlx_gemma4.generate import generate_tokens, stream_generate
+from mlx_gemma4.sampling import make_sampler, make_logits_processors
+
+# (target variant, clustered LM head): the E-series drafters have the clustered head, the 31B one a dense head.
+CASES = [("e2b", True), ("31b", False), ("26b", False)]
+PROMPT = list(range(300, 320))  # plain text ids of the tiny tokenizer; 20 tokens, past the window of 16
+
+
+@pytest.fixture(scope="module")
+def tiny_drafter(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tiny_checkpoints import build_drafter
+
+    built = {}
+
+    def get(variant: str, ordered: bool) -> Path:
+        if (variant, ordered) not in built:
+            folder = tmp_path_factory.mktemp(f"drafter-{variant}-{ordered}")
+            built[variant, ordered] = build_drafter(folder, variant, ordered=ordered)
+        return built[variant, ordered]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint, tiny_drafter):
+    """`pair(variant, ordered)`: our (model, drafter) and their folders, loaded once."""
+    loaded = {}
+
+    def get(variant: str, ordered: bool):
+        if (variant, ordered) not in loaded:
+            target_dir = tiny_checkpoint(variant, with_towers=False)
+            drafter_dir = tiny_drafter(variant, ordered)
+            model, _ = load(target_dir, dtype="float32")
+            loaded[variant, ordered] = model, load_drafter(drafter_dir, model), target_dir, drafter_dir
+        return loaded[variant, ordered]
+
+    return get
+
+
+@pytest.mark.parametrize("variant,ordered", CASES)
+@pytest.mark.parametrize("prompt_length", [10, 16, 17, 30])
+def test_drafts_match_transformers(pair, hf_model, variant, ordered, prompt_length):
+    """Three drafts after a prefill (shorter and longer than the sliding window): the same tokens as transformers'
+    Gemma-4 candidate generator, and the same logits at each step within 1e-4 of their range. Past the window its
+    sliding layers see one position more than the target's sliding cache keeps."""
+    torch = pytest.importorskip("torch")
+    from transformers import Gemma4AssistantForCausalLM, GenerationConfig
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+    model, drafter, target_dir, drafter_dir = pair(variant, ordered)
+    prompt = list(range(300, 300 + prompt_length))
+    target = hf_model(target_dir)
+    assistant = Gemma4AssistantForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    assistant.generation_config.num_assistant_tokens = 3
+    with torch.no_grad():
+        out = target(input_ids=torch.tensor([prompt]), output_hidden_states=True, return_shared_kv_states=True)
+        first = out.logits[0, -1].argmax().item()
+        generator = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
+                                                               GenerationConfig(max_length=1000))
+        candidates, their_logits = generator.get_candidates(torch.tensor([prompt + [first]]), model_kwargs={},
+                                                            model_outputs=out, is_first_iteration=False,
+                                                            n_last_matches=0)
+    their_drafts = candidates[0, -3:].tolist()
+
+    # The prompt goes in as our loop feeds it: all but the last token, then the last one.
+    cache = model.make_cache()
+    model(mx.array([prompt[:-1]]), cache)
+    target_kv = speculative.DrafterKV(model, drafter, cache)
+    target_kv.remember()
+    logits, hidden = model(mx.array([prompt[-1:]]), cache, return_hidden=True)
+    assert mx.argmax(logits[0, -1]).item() == first
+    shared = target_kv.shared()
+    drafts = speculative.propose(drafter, model, mx.array([first]), hidden[:, -1:], shared, len(prompt), 3)
+    assert drafts.tolist() == their_drafts
+
+    # Each step's logits, fed the same tokens.
+    state = hidden[:, -1:]
+    for step, token in enumerate([first] + their_drafts[:-1]):
+        h, state = drafter(model.language_model.model.embed(mx.array([[token]])), state, shared, len(prompt))
+        ids, ours = drafter.candidate_logits(h)
+        theirs = their_logits[0, step].numpy()
+        if ids is not None:  # the clustered head scores only its candidates; the rest is filled below them
+            ids = np.array(ids[0, 0])
+            assert set(ids.tolist()) == set(np.flatnonzero(theirs > theirs.min()).tolist())
+            theirs = theirs[ids]
+        ours = np.array(ours[0, 0])
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.ptp(theirs)
+
+
+@pytest.mark.parametrize("variant,ordered", CASES[:2])
+def test_drafts_after_a_verifying_pass_match_transformers(pair, hf_model, variant, ordered):
+    """After a round whose drafts were all kept (the case transformers' loop handles exactly: it does not trim a
+    rejected tail from its sliding K/V), the next drafts read the verifying pass's hidden state and K/V, including
+    the sliding position the pass pushed out of the cache."""
+    torch = pytest.importorskip("torch")
+    from transformers import Gemma4AssistantForCausalLM, GenerationConfig
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+    model, drafter, target_dir, drafter_dir = pair(variant, ordered)
+    prompt, block = PROMPT, [330, 331, 332, 333]  # the last token and three kept drafts
+    target = hf_model(target_dir)
+    assistant = Gemma4AssistantForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    assistant.generation_config.num_assistant_tokens = 3
+    with torch.no_grad():
+        out = target(input_ids=torch.tensor([prompt]), use_cache=True)
+        out = target(input_ids=torch.tensor([block]), cache=out.cache, output_hidden_states=True,
+                     return_shared_kv_states=True)
+        bonus = out.logits[0, -1].argmax().item()
+        generator = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
+                                                               GenerationConfig(max_length=1000))
+        generator.is_main_model_prefill = False
+        candidates, _ = generator.get_candidates(torch.tensor([prompt + block + [bonus]]), model_kwargs={},
+                                                 model_outputs=out, is_first_iteration=False,
+                                                 n_last_matches=len(block) - 1)
+
+    cache = model.make_cache()
+    model(mx.array([prompt]), cache)
+    target_kv = speculative.DrafterKV(model, drafter, cache)
+    target_kv.remember()
+    logits, hidden = model(mx.array([block]), cache, return_hidden=True)
+    assert mx.argmax(logits[0, -1]).item() == bonus
+    drafts = speculative.propose(drafter, model, mx.array([bonus]), hidden[:, -1:], target_kv.shared(),
+                                 len(prompt) + len(block), 3)
+    assert drafts.tolist() == candidates[0, -3:].tolist()
+
+
+def _plain(model, prompt, n, sampler=None):
+    cache = model.make_cache()
+    out = list(itertools.islice(generate_tokens(model, mx.array(prompt), cache=cache, sampler=sampler), n))
+    return [t for t, _ in out], [np.array(p) for _, p in out], cache
+
+
+def _speculative(model, drafter, prompt, n, sampler=None, draft_tokens=3):
+    cache, stats = model.make_cache(), {}
+    stream = speculative.speculative_tokens(model, drafter, mx.array(prompt), cache=cache, sampler=sampler,
+                                            draft_tokens=draft_tokens, stats=stats)
+    out = list(itertools.islice(stream, n))
+    stream.close()
+    return [t for t, _ in out], [np.array(p) for _, p in out], cache, stats
+
+
+def _oracle(reference, prompt_length, vocab):
+    """A stand-in for `speculative.propose` that drafts the reference continuation, with a wrong token at a place
+    that changes from round to round (none, the first, the second), so rounds accept all, none or some drafts."""
+    rounds = itertools.count()
+
+    def propose(drafter, model, last, hidden, shared, position, k):
+        start = position - prompt_length + 1  # index in `reference` of the token after `last`
+        drafts = list(reference[start:start + k]) + [0] * k
+        wrong = next(rounds) % (k + 1)
+        if wrong < k:
+            drafts[wrong] = (drafts[wrong] + 1) % vocab
+        return mx.array(drafts[:k])
+
+    return propose
+
+
+def _assert_same_stream(expected, got):
+    tokens, logprobs = expected[:2]
+    assert got[0] == tokens
+    for ours, theirs in zip(got[1], logprobs):
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.ptp(theirs[np.isfinite(theirs)])
+
+
+@pytest.mark.parametrize("variant,ordered", CASES)
+def test_speculative_stream_is_the_plain_stream(pair, variant, ordered, monkeypatch):
+    """Past the sliding window, with the drafter and with drafts that are accepted whole, partly or not at all:
+    the tokens of plain greedy decoding, and its log-probabilities within 1e-4 of their range."""
+    model, drafter, _, _ = pair(variant, ordered)
+    n = 30
+    expected = _plain(model, PROMPT, n)
+    _assert_same_stream(expected, _speculative(model, drafter, PROMPT, n))
+
+    monkeypatch.setattr(speculative, "propose", _oracle(expected[0], len(PROMPT), model.config.text_config.vocab_size))
+    got = _speculative(model, drafter, PROMPT, n)
+    _assert_same_stream(expected, got)
+    stats = got[3]
+    assert 0 < stats["accepted"] < stats["drafted"]
+
+
+def test_stopping_leaves_the_cache_of_plain_decoding(pair, monkeypatch):
+    """Wherever the caller stops (inside a round of accepted drafts or on its last token), the cache holds the
+    prompt and exactly the tokens yielded, as plain decoding leaves it; and the next turn continues alike."""
+    model, drafter, _, _ = pair("e2b", True)
+    reference = _plain(model, PROMPT, 12)[0]
+    monkeypatch.setattr(speculative, "propose", _oracle(reference, len(PROMPT), model.config.text_config.vocab_size))
+    for n in range(1, 9):
+        _, _, plain_cache = _plain(model, PROMPT, n)
+        _, _, cache, _ = _speculative(model, drafter, PROMPT, n)
+        assert [c.offset for c in cache] == [c.offset for c in plain_cache]
+        for ours, theirs in zip(cache, plain_cache):
+            for a, b in zip(ours.state, theirs.state):
+                np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_path_verifies_every_position(pair):
+    """A sampler (here top-k 1, so deterministic) draws the target's token at every position of the block."""
+    model, drafter, _, _ = pair("31b", False)
+    sampler = make_sampler(temp=0.8, top_k=1)
+    expected = _plain(model, PROMPT, 20)
+    _assert_same_stream(expected, _speculative(model, drafter, PROMPT, 20, sampler=sampler, draft_tokens=5))
+
+
+def test_rotating_cache_rewind_across_the_window():
+    """Rewinding a sliding cache after a block that wrapped past the window keeps what a cache fed only the kept
+    tokens holds."""
+    window, kv = 8, np.random.default_rng(0).standard_normal((1, 1, 30, 4)).astype(np.float32)
+    for before, written, kept in [(3, 4, 1), (7, 4, 2), (8, 5, 0), (13, 7, 3), (20, 4, 4)]:
+        cache, reference = RotatingKVCache(window), RotatingKVCache(window)
+        for c in (cache, reference):
+            for i in range(before):
+                c.update_and_fetch(mx.array(kv[:, :, i:i + 1]), mx.array(kv[:, :, i:i + 1]))
+        point = cache.checkpoint()
+        block = mx.array(kv[:, :, before:before + written])
+        cache.update_and_fetch(block, block)
+        cache.rewind(point, written, kept)
+        if kept:
+            block = mx.array(kv[:, :, before:before + kept])
+            reference.update_and_fetch(block, block)
+        assert cache.offset == reference.offset
+        for a, b in zip(cache.state, reference.state):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+def test_drafter_errors_are_one_line(pair, tiny_checkpoint, tiny_drafter):
+    model, drafter, target_dir, drafter_dir = pair("e2b", True)
+    other, _ = load(tiny_checkpoint("31b", with_towers=False))
+    with pytest.raises(CheckpointError, match="pass the drafter of this model"):
+        load_drafter(drafter_dir, other)
+    with pytest.raises(CheckpointError, match="MTP drafter"):
+        load(drafter_dir)
+    with pytest.raises(CheckpointError, match="not an MTP drafter"):
+        load_drafter(target_dir, model)
+    with pytest.raises(ValueError, match="below the smallest attention window"):
+        next(speculative.speculative_tokens(model, drafter, mx.array(PROMPT), draft_tokens=16))
+    processor = load(target_dir)[1]
+    with pytest.raises(ValueError, match="cannot be combined with a draft model"):
+        next(stream_generate(model, processor, "Hi", draft_model=drafter,
+                             logits_processors=make_logits_processors(repetition_penalty=1.2)))
+
+
+def test_cli_with_a_draft_model(pair, capsys):
+    _, _, target_dir, drafter_dir = pair("e2b", True)
+    args = ["--model", str(target_dir), "--prompt", "Hello", "--temp", "0", "--max-tokens", "12"]
+    assert cli_main(args) == 0
+    plain = capsys.readouterr().out
+    assert cli_main(args + ["--draft-model", str(drafter_dir), "--draft-tokens", "2"]) == 0
+    drafted = capsys.readouterr().out
+    assert drafted.split("=" * 10)[0] == plain.split("=" * 10)[0]
+    assert "Drafts accepted:" in drafted
+    assert cli_main(args + ["--draft-tokens", "2"]) == 2
+    assert "--draft-tokens needs --draft-model" in capsys.readouterr().err
