@@ -24,7 +24,8 @@ from mlx.utils import tree_flatten
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-from mlx_gemma4.config import FULL, SLIDING, ModelConfig  # noqa: E402
+from mlx_gemma4.config import DRAFTER_MODEL_TYPE, FULL, SLIDING, ModelConfig  # noqa: E402
+from mlx_gemma4.drafter import Drafter, DrafterConfig  # noqa: E402
 from mlx_gemma4.model import Model  # noqa: E402
 
 GB = 1e9
@@ -103,6 +104,37 @@ GEOMETRIES: Dict[str, Tuple[dict, int]] = {
     ),
 }
 
+# The released google/gemma-4-E2B-it-assistant config.json (the E2B MTP drafter;
+# no other drafter config was available).
+E2B_DRAFTER = {
+    "architectures": ["Gemma4AssistantForCausalLM"],
+    "model_type": "gemma4_assistant",
+    "backbone_hidden_size": 1536,
+    "use_ordered_embeddings": True,
+    "num_centroids": 2048,
+    "centroid_intermediate_top_k": 32,
+    "tie_word_embeddings": True,
+    "dtype": "bfloat16",
+    "text_config": {
+        **_COMMON,
+        "attention_k_eq_v": False,
+        "enable_moe_block": False,
+        "final_logit_softcapping": None,
+        "hidden_size": 256,
+        "hidden_size_per_layer_input": 0,
+        "intermediate_size": 2048,
+        "layer_types": [SLIDING, SLIDING, SLIDING, FULL],
+        "max_position_embeddings": 131072,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 4,
+        "num_key_value_heads": 1,
+        "num_kv_shared_layers": 4,
+        "sliding_window": 512,
+        "use_double_wide_mlp": False,
+        "vocab_size_per_layer_input": 0,
+    },
+}
+
 # ---------------------------------------------------------------------------
 # Geometry and random checkpoint
 
@@ -149,11 +181,14 @@ def checkpoint_config(text: dict) -> dict:
 
 
 def parameter_shapes(config: dict) -> Dict[str, Tuple[int, ...]]:
-    """MLX parameter names and shapes of the model `config` describes.
+    """MLX parameter names and shapes of the model (or drafter) `config` describes.
 
     The model is built but never evaluated, so no weight memory is allocated.
     """
-    model = Model(ModelConfig.from_dict(config))
+    if config["model_type"] == DRAFTER_MODEL_TYPE:
+        model = Drafter(DrafterConfig.from_dict(config))
+    else:
+        model = Model(ModelConfig.from_dict(config))
     return {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
 
 
@@ -237,6 +272,18 @@ def ensure_checkpoint(cache_dir: Path, geometry: str, layers: int, seed: int) ->
     config = checkpoint_config(cut_layers(real_text_config(geometry), layers))
     return cached_build(cache_dir / f"{geometry}-{layers}L", [config, seed, WEIGHT_STD],
                         lambda folder: build_checkpoint(folder, config, seed))
+
+
+def ensure_drafter(cache_dir: Path, seed: int) -> Path:
+    """The cached random E2B drafter (`E2B_DRAFTER`), built if missing; its
+    `token_ordering` is a random permutation of the vocabulary."""
+    def tensor(name: str, shape: Tuple[int, ...]) -> mx.array:
+        if name == "masked_embedding.token_ordering":
+            return mx.random.permutation(shape[0]).astype(mx.int32)
+        return random_tensor(shape)
+
+    return cached_build(cache_dir / "e2b-drafter", [E2B_DRAFTER, seed, WEIGHT_STD],
+                        lambda folder: build_checkpoint(folder, E2B_DRAFTER, seed, tensor))
 
 
 def cached_build(stem: Path, key: list, build: Callable[[Path], None]) -> Path:

@@ -28,3 +28,13 @@ def test_quick_benchmark_times_both_runtimes_on_every_geometry(tmp_path):
         assert len(r["tokens"]) == 4  # the first token and 3 decoded
     header = run.stdout.splitlines()[0]
     assert "mlx_gemma4" in header and "mlx-vlm" in header and "ratio" in header
+
+
+def test_speculative_benchmark_runs_both_runtimes():
+    run = subprocess.run([sys.executable, "benchmarks/speculative.py", "--layers", "6", "--prompt-length", "8",
+                          "--decode-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in run.stdout.splitlines() if line.startswith("| mlx")}
+    # Each runtime's stream with the drafter equals its stream without.
+    assert rows["mlx_gemma4"].rstrip(" |").endswith("True"), rows
+    assert "| True (plain:" in rows["mlx-vlm"], rows
