@@ -212,6 +212,22 @@ def test_stopping_leaves_the_cache_of_plain_decoding(pair, monkeypatch):
                 np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
 
 
+def test_chat_turns_with_a_drafter_are_the_turns_without(pair):
+    """A chat reuses the cache across turns: with a drafter every reply, and what the cache holds, is the same."""
+    from mlx_gemma4.chat import ChatSession
+
+    model, drafter, target_dir, _ = pair("e2b", True)
+    processor = load(target_dir)[1]
+    transcripts = []
+    for draft in ({}, {"draft_model": drafter}):
+        session = ChatSession(model, processor)
+        replies = ["".join(r.text for r in session.send(text, max_tokens=n, **draft))
+                   for text, n in (("Hello there", 7), ("And then?", 5))]
+        transcripts.append((replies, session.tokens, [c.offset for c in session.cache]))
+    assert transcripts[0] == transcripts[1]
+    assert transcripts[0][2][0] == len(transcripts[0][1])
+
+
 def test_sampling_path_verifies_every_position(pair):
     """A sampler (here top-k 1, so deterministic) draws the target's token at every position of the block."""
     model, drafter, _, _ = pair("31b", False)
