@@ -197,6 +197,18 @@ def test_speculative_stream_is_the_plain_stream(pair, variant, ordered, monkeypa
     assert 0 < stats["accepted"] < stats["drafted"]
 
 
+@pytest.mark.parametrize("variant,ordered", [("e2b", True), ("26b", False)])
+def test_gpu_route_speculative_stream_is_the_plain_stream(pair, variant, ordered, monkeypatch):
+    """The layers' GPU route (what a Mac runs: no CPU streams, experts gathered in the kernel), drafts partly kept."""
+    from mlx_gemma4 import precision
+
+    model, drafter, _, _ = pair(variant, ordered)
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)
+    expected = _plain(model, PROMPT, 20)
+    monkeypatch.setattr(speculative, "propose", _oracle(expected[0], len(PROMPT), model.config.text_config.vocab_size))
+    _assert_same_stream(expected, _speculative(model, drafter, PROMPT, 20))
+
+
 def test_stopping_leaves_the_cache_of_plain_decoding(pair, monkeypatch):
     """Wherever the caller stops (inside a round of accepted drafts or on its last token), the cache holds the
     prompt and exactly the tokens yielded, as plain decoding leaves it; and the next turn continues alike."""
