@@ -11,7 +11,7 @@ after a tool response).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from .tools import ToolCall, parse_tool_calls
 
@@ -93,6 +93,8 @@ class GenerationResult:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
+    # With a draft model: the share of drafted tokens kept.
+    draft_acceptance: Optional[float] = None
 
     @classmethod
     def collect(cls, responses) -> "GenerationResult":
@@ -108,7 +110,7 @@ class GenerationResult:
             result.finish_reason = r.finish_reason or result.finish_reason
             result.prompt_tokens, result.generation_tokens = r.prompt_tokens, r.generation_tokens
             result.prompt_tps, result.generation_tps = r.prompt_tps, r.generation_tps
-            result.peak_memory_gb = r.peak_memory_gb
+            result.peak_memory_gb, result.draft_acceptance = r.peak_memory_gb, r.draft_acceptance
         result.tool_calls = parse_tool_calls(calls) if calls.strip() else []
         result.thinking, result.answer = result.thinking.strip(), result.answer.strip()
         return result

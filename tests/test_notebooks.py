@@ -42,9 +42,9 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def kernel_environment(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment variables for the kernel: the tiny E2B checkpoint (it has both towers), a local image, the speech
-    clip, this interpreter as the python3 kernel, the repository on the import path, the inline figure backend, and no
-    Hub access."""
+    """Environment variables for the kernel: the tiny E2B checkpoint (it has both towers) and its drafter, a local
+    image, the speech clip, this interpreter as the python3 kernel, the repository on the import path, the inline
+    figure backend, and no Hub access."""
     from PIL import Image, ImageDraw
 
     folder = tmp_path_factory.mktemp("notebooks")
@@ -60,8 +60,11 @@ def kernel_environment(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "Python 3 (tests)", "language": "python",
     }))
+    from tiny_checkpoints import build_drafter
+
     return {
         "MLX_GEMMA4_MODEL": str(tiny_checkpoint("e2b")),
+        "MLX_GEMMA4_DRAFTER": str(build_drafter(folder / "drafter", "e2b")),
         "MLX_GEMMA4_IMAGE": str(image),
         "MLX_GEMMA4_AUDIO": str(SPEECH),
         "JUPYTER_PATH": str(folder / "jupyter"),
