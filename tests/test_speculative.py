@@ -240,6 +240,37 @@ def test_chat_turns_with_a_drafter_are_the_turns_without(pair):
     assert transcripts[0][2][0] == len(transcripts[0][1])
 
 
+def test_a_quantized_drafter_loads_and_drafts(pair, tmp_path):
+    """A drafter stored quantized (as an MLX conversion would), its clustered head reading quantized rows."""
+    import json
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_gemma4.drafter import Drafter, DrafterConfig
+
+    model, drafter, _, drafter_dir = pair("e2b", True)
+    config = json.loads((drafter_dir / "config.json").read_text())
+    quantized = Drafter(DrafterConfig.from_dict(config))  # the checkpoint's names (no load-time fusion)
+    quantized.load_weights(list(quantized.sanitize(mx.load(str(drafter_dir / "model.safetensors"))).items()))
+    nn.quantize(quantized, group_size=32, bits=8)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(quantized.parameters())))
+    config["quantization"] = {"group_size": 32, "bits": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_drafter(tmp_path, model)
+    assert isinstance(loaded.model.embed_tokens, nn.QuantizedEmbedding)
+    expected = _plain(model, PROMPT, 12)
+    got = _speculative(model, loaded, PROMPT, 12)
+    _assert_same_stream(expected, got)
+    # 8 bits barely move the drafts: the same as the float drafter's for the first round.
+    cache = model.make_cache()
+    logits, hidden = model(mx.array([PROMPT]), cache, return_hidden=True)
+    first, shared = mx.argmax(logits[:, -1], axis=-1), speculative.DrafterKV(model, drafter, cache).shared()
+    drafts = [speculative.propose(d, model, first, hidden[:, -1:], shared, len(PROMPT), 3).tolist()
+              for d in (drafter, loaded)]
+    assert drafts[0] == drafts[1]
+
+
 def test_sampling_path_verifies_every_position(pair):
     """A sampler (here top-k 1, so deterministic) draws the target's token at every position of the block."""
     model, drafter, _, _ = pair("31b", False)
