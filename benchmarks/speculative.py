@@ -73,8 +73,8 @@ def drafter_bytes_per_step(drafter) -> int:
 def component_times(model, drafter, prompt: mx.array, k: int, repeats: int = 3) -> tuple:
     """Seconds of one draft step, one k + 1 token verifying pass and one decode step."""
     cache = model.make_cache()
+    target_kv = speculative.DrafterKV(model, drafter, cache, k)
     list(islice(generate_tokens(model, prompt, cache=cache), 1))
-    target_kv = speculative.DrafterKV(model, drafter, cache)
     last = mx.array([1])
     hidden = mx.zeros((1, 1, model.config.text_config.hidden_size), mx.float32)
     best = [float("inf")] * 3
@@ -83,12 +83,11 @@ def component_times(model, drafter, prompt: mx.array, k: int, repeats: int = 3) 
         drafts = speculative.propose(drafter, model, last, hidden, target_kv.shared(), cache[0].offset, k)
         best[0] = min(best[0], (time.perf_counter() - start) / k)
         for i, block in ((1, mx.concatenate([last, drafts])), (2, last)):
-            point = [c.checkpoint() for c in cache]
             start = time.perf_counter()
             mx.eval(model(block[None], cache))
             best[i] = min(best[i], time.perf_counter() - start)
-            for c, p in zip(cache, point):
-                c.restore(p)
+            for c in cache:
+                c.trim(block.size)
     return tuple(best)
 
 

@@ -81,93 +81,147 @@ class KVCache:
         """Forget every token after `checkpoint` (later writes overwrite them)."""
         self.offset = checkpoint
 
-    def rewind(self, checkpoint: int, written: int, kept: int) -> None:
-        """Keep only the first `kept` of the `written` tokens added since `checkpoint`."""
-        self.offset = checkpoint + kept
+    def trim(self, n: int) -> None:
+        """Forget the last `n` tokens (later writes overwrite them)."""
+        self.offset -= n
 
     def load_state(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values, self.offset = keys, values, keys.shape[2]
 
 
 class RotatingKVCache:
-    """The last `window` keys and values (sliding-window layers).
+    """The last `window` keys and values (sliding-window layers), and `extra`
+    older ones when reserved (see `reserve`).
 
     Decoding writes into a ring buffer in place. A chunk of several tokens
     attends over the previous `window - 1` keys plus its own, then the last
-    `window` of those are kept. The buffer grows in blocks of `step` up to the
-    window, so a short conversation does not hold a whole window (26B-A4B: 50 MB
-    of float32 keys and values for a 128-token prompt otherwise).
+    `window + extra` of those are kept. The buffer grows in blocks of `step`
+    up to that, so a short conversation does not hold a whole window (26B-A4B:
+    50 MB of float32 keys and values for a 128-token prompt otherwise).
+
+    With `extra` slots, a full buffer also takes blocks of up to `extra + 1`
+    tokens in place (speculative decoding verifies its drafts so), and `trim`
+    drops the last tokens without a copy: the window of the block's first
+    token was not overwritten.
     """
 
     step = 256
 
     def __init__(self, window: int):
         self.window = window
+        self.capacity = window  # window + extra
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
         self.offset = 0
-        self._next = 0  # ring slot of the next write once the buffer is full
+        # The valid entries are the `_stored` slots before `_next` (the slot
+        # of the next write), oldest first, wrapping round the buffer.
+        self._stored = 0
+        self._next = 0
 
-    @property
-    def _stored(self) -> int:
-        return min(self.offset, self.window)
+    def reserve(self, extra: int) -> None:
+        """Keep `extra` positions beyond the window from now on (at least)."""
+        if self.capacity >= self.window + extra:
+            return
+        self.capacity = self.window + extra
+        if self.keys is not None:
+            self._set_in_order(*self.state)
+
+    def _set_in_order(self, keys: mx.array, values: mx.array) -> None:
+        """Keep the last `capacity` of `keys`/`values` (oldest first), from slot 0."""
+        self.keys, self.values = self._keep_last(keys), self._keep_last(values)
+        self._stored = min(keys.shape[2], self.capacity)
+        self._next = self._stored % self.keys.shape[2]
 
     def _in_order(self, x: mx.array) -> mx.array:
-        x = x[..., : self._stored, :]
-        if self._stored < self.window or self._next == 0:
-            return x
-        return mx.concatenate([x[..., self._next:, :], x[..., : self._next, :]], axis=2)
+        start = self._next - self._stored
+        if start >= 0:
+            return x[..., start:self._next, :]
+        return mx.concatenate([x[..., start:, :], x[..., : self._next, :]], axis=2)
+
+    def _in_place(self, n: int) -> bool:
+        """Whether `n` new tokens are written into the buffer (else it is rebuilt)."""
+        if self.keys is None:
+            return False
+        return n == 1 or (self.keys.shape[2] == self.capacity and n - 1 <= self.capacity - self.window)
+
+    def _size_for(self, n: int) -> int:
+        """The buffer's size once `n` tokens are written in place."""
+        size = self.keys.shape[2]
+        if size < self.capacity and self._next + n > size:  # one token past a buffer still growing
+            return min(-(-(self._next + n) // self.step) * self.step, self.capacity)
+        return size
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         n = keys.shape[2]
-        if n == 1 and self.keys is not None:
-            slot = self._stored if self._stored < self.window else self._next
-            if slot == self.keys.shape[2]:  # full below the window (else slot < window = size)
-                self.keys, self.values = self._with_room(self.keys, slot + 1), self._with_room(self.values, slot + 1)
-            self.keys[..., slot:slot + 1, :] = keys
-            self.values[..., slot:slot + 1, :] = values
-            self.offset += 1
-            if self.offset > self.window:
-                self._next = (slot + 1) % self.window
-            # Every stored key is inside the new token's window: order does not matter.
-            return self.keys[..., : self._stored, :], self.values[..., : self._stored, :]
+        if self._in_place(n):
+            size = self._size_for(n)
+            if size != self.keys.shape[2]:
+                self.keys, self.values = self._with_room(self.keys, size), self._with_room(self.values, size)
+            for buffer, new in ((self.keys, keys), (self.values, values)):
+                first = min(n, size - self._next)
+                buffer[..., self._next:self._next + first, :] = new[..., :first, :]
+                if first < n:
+                    buffer[..., : n - first, :] = new[..., first:, :]
+            self._next = (self._next + n) % self.capacity
+            self._stored = min(self._stored + n, size)
+            self.offset += n
+            if self._next == self._stored:  # the valid slots are a prefix: no mask needed for them
+                return self.keys[..., : self._stored, :], self.values[..., : self._stored, :]
+            return self.keys, self.values
         if self.keys is not None:
             keep = min(self._stored, self.window - 1)
             keys = mx.concatenate([self._in_order(self.keys)[..., self._stored - keep:, :], keys], axis=2)
             values = mx.concatenate([self._in_order(self.values)[..., self._stored - keep:, :], values], axis=2)
         self.offset += n
-        self.keys, self.values = self._keep_last(keys), self._keep_last(values)
-        self._next = 0
+        self._set_in_order(keys, values)
         # Attention reads the copies kept (or waits for them): else they could
         # run after the whole forward pass, each holding its chunk's Q|K|V
         # buffers until then.
         attended = keys.shape[2]
-        if attended <= self.window:  # all kept, in order from slot 0
+        if attended <= self.capacity:  # all kept, in order from slot 0
             return self.keys[..., :attended, :], self.values[..., :attended, :]
         return tuple(mx.depends([keys, values], [self.keys, self.values]))
 
+    def trim(self, n: int) -> None:
+        """Forget the last `n` tokens (at most as many as the last update wrote)."""
+        if n == 0:
+            return
+        self.offset -= n
+        self._stored -= n
+        self._next = (self._next - n) % self.keys.shape[2]
+
     def _with_room(self, x: mx.array, positions: int) -> mx.array:
         """`x` in a buffer of at least `positions` slots: the next multiple of
-        `step`, at most `window`."""
-        size = min(-(-positions // self.step) * self.step, self.window)
+        `step`, at most `capacity`."""
+        size = min(-(-positions // self.step) * self.step, self.capacity)
         if x.shape[2] == size:
             return x
         pad = mx.zeros((*x.shape[:2], size - x.shape[2], x.shape[3]), x.dtype)
         return mx.concatenate([x, pad], axis=2)
 
     def _keep_last(self, x: mx.array) -> mx.array:
-        """The last `window` positions, in a buffer of their size rounded up to `step`."""
-        x = x[..., -self.window:, :]
+        """The last `capacity` positions, in a buffer of their size rounded up to `step`."""
+        x = x[..., -self.capacity:, :]
         room = self._with_room(x, x.shape[2])
         # A copy either way: a view would keep alive the whole buffer it was cut
         # from (for a prompt chunk, the projection of every head at every position).
         return mx.contiguous(x) if room is x else room
 
     def make_mask(self, queries: int) -> Mask:
-        if queries == 1:
-            return None  # the cache holds exactly the keys inside the window
-        kept = min(self.offset, self.window - 1)
-        return _window_mask(queries, self.offset - kept, self.offset, kept + queries, self.window)
+        if not self._in_place(queries):
+            kept = min(self._stored, self.window - 1)
+            return _window_mask(queries, self.offset - kept, self.offset, kept + queries, self.window)
+        # The slots `update_and_fetch` will return, by the position each holds then.
+        size = self._size_for(queries)
+        after = (self._next + queries) % self.capacity
+        stored = min(self._stored + queries, size)
+        length = stored if after == stored else size
+        if queries == 1 and stored <= self.window and length == stored:
+            return None  # every returned key is inside the new token's window
+        distance = (after - 1 - mx.arange(length)) % size + 1
+        position = self.offset + queries - distance
+        q = mx.arange(self.offset, self.offset + queries)[:, None]
+        return (distance <= stored) & (position <= q) & (position > q - self.window)
 
     @property
     def state(self):
@@ -184,28 +238,17 @@ class RotatingKVCache:
         # buffer leave the checkpoint as it was.
         keys = None if self.keys is None else self.keys[...]
         values = None if self.values is None else self.values[...]
-        return keys, values, self.offset, self._next
+        return keys, values, self.offset, self._stored, self._next
 
     def restore(self, checkpoint: tuple) -> None:
-        keys, values, self.offset, self._next = checkpoint
+        keys, values, self.offset, self._stored, self._next = checkpoint
         self.keys = None if keys is None else keys[...]
         self.values = None if values is None else values[...]
 
-    def rewind(self, checkpoint: tuple, written: int, kept: int) -> None:
-        """Keep only the first `kept` of the `written` tokens added since
-        `checkpoint` (at most a window): the window before them may have been
-        overwritten, so the checkpoint is restored and the kept ones re-added."""
-        if kept == written:
-            return
-        keys, values = (x[..., x.shape[2] - written:, :][..., :kept, :] for x in self.state)
-        self.restore(checkpoint)
-        if kept:
-            self.update_and_fetch(keys, values)
-
     def load_state(self, keys: mx.array, values: mx.array, offset: int) -> None:
         """Keys and values in temporal order (as `state` gives them)."""
-        self.offset, self._next = offset, 0
-        self.keys, self.values = self._keep_last(keys), self._keep_last(values)
+        self.offset = offset
+        self._set_in_order(keys, values)
 
 
 def make_cache(config: TextConfig, max_kv_size: Optional[int] = None) -> List:

@@ -38,43 +38,29 @@ class DrafterKV:
     last K/V-owning layer of each type.
 
     transformers' drafter sees the last `sliding_window + 1` positions on its
-    sliding layers (its bidirectional window is inclusive), one more than a
-    sliding cache keeps; `remember`, called before each target pass, keeps the
-    sliding state from before it, where that position still is.
+    sliding layers (its bidirectional window is inclusive). So the target's
+    sliding caches keep `k + 1` positions beyond their window: that one, and
+    room for a verifying pass of `k + 1` tokens to be written in place and
+    trimmed (see `RotatingKVCache.reserve`). Make this before the prompt goes in.
     """
 
-    def __init__(self, model, drafter: Drafter, cache: List):
+    def __init__(self, model, drafter: Drafter, cache: List, k: int):
         target = model.config.text_config
         self.cache = cache
         self.layers = {kind: kv_store_layer(target, kind) for kind in set(drafter.config.text_config.layer_types)}
         self.window = drafter.config.text_config.sliding_window
-        self.earlier = None
-
-    def remember(self) -> None:
-        sliding = self.cache[self.layers[SLIDING]] if SLIDING in self.layers else None
-        if isinstance(sliding, RotatingKVCache) and sliding.keys is not None:
-            self.earlier = sliding.offset, sliding.state
+        for c in cache:
+            if isinstance(c, RotatingKVCache):
+                c.reserve(k + 1)
 
     def shared(self) -> Dict[str, KV]:
         out = {}
         for kind, layer in self.layers.items():
             keys, values = self.cache[layer].state
             if kind == SLIDING:
-                keys, values = self._sliding(self.cache[layer].offset, keys, values)
+                keys, values = keys[..., -(self.window + 1):, :], values[..., -(self.window + 1):, :]
             out[kind] = keys, values
         return out
-
-    def _sliding(self, offset: int, keys: mx.array, values: mx.array) -> KV:
-        wanted, held = min(self.window + 1, offset), keys.shape[2]
-        if wanted > held and self.earlier is not None:
-            (end, (old_keys, old_values)), first_held = self.earlier, offset - held
-            # Positions [offset - wanted, first_held) from the earlier state, which ends at `end`.
-            start = end - old_keys.shape[2]
-            lo, hi = max(offset - wanted - start, 0), first_held - start
-            if 0 <= lo < hi <= old_keys.shape[2]:
-                keys = mx.concatenate([old_keys[..., lo:hi, :], keys], axis=2)
-                values = mx.concatenate([old_values[..., lo:hi, :], values], axis=2)
-        return keys[..., -wanted:, :], values[..., -wanted:, :]
 
 
 def propose(drafter: Drafter, model, last: mx.array, hidden: mx.array, shared: Dict[str, KV], position: int,
@@ -116,31 +102,26 @@ def speculative_tokens(
     cache = model.make_cache() if cache is None else cache
     sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
     k = drafter.draft_tokens if draft_tokens is None else draft_tokens
-    windows = [c.window for c in cache if isinstance(c, RotatingKVCache)]
-    if not 1 <= k < min(windows, default=k + 1):
-        raise ValueError(f"draft_tokens must be at least 1 and below the smallest attention window "
-                         f"({min(windows, default='none')}), got {k}")
+    if k < 1:
+        raise ValueError(f"draft_tokens must be at least 1, got {k}")
     stats = {} if stats is None else stats
     stats.setdefault("drafted", 0)
     stats.setdefault("accepted", 0)
+    target_kv = DrafterKV(model, drafter, cache, k)
     prefill(model, prompt, cache, prefill_step_size, multimodal_inputs)
-    target_kv = DrafterKV(model, drafter, cache)
-    target_kv.remember()
     logits, hidden = model(prompt[None, -1:], cache, return_hidden=True)
     logprobs = _log_softmax(logits[0])
     last = sampler(logprobs)
-    # The caches before the last verifying pass, the tokens of it they kept and
-    # how many of the round's tokens the caller took: when it stops, `_settle`
-    # makes the cache hold exactly the tokens yielded.
-    checkpoints, held, yielded = None, 0, 0
+    # The tokens of the last verifying pass the caches kept, and how many of the
+    # round's tokens the caller took: when it stops, `_settle` makes the cache
+    # hold exactly the tokens yielded.
+    held, yielded = 0, 1
     try:
-        yielded = 1
         yield last.item(), logprobs[0]
         while True:
             drafts = propose(drafter, model, last, hidden, target_kv.shared(), cache_offset(cache), k)
             block = mx.concatenate([last, drafts])
-            target_kv.remember()
-            checkpoints, held, yielded = [c.checkpoint() for c in cache], k + 1, 0
+            held, yielded = k + 1, 0
             logits, hiddens = model(block[None], cache, return_hidden=True)
             logprobs = _log_softmax(logits[0])
             choices = sampler(logprobs)
@@ -148,8 +129,8 @@ def speculative_tokens(
             accepted = next((i for i, (c, d) in enumerate(zip(chosen, drafted)) if c != d), k)
             stats["drafted"] += k
             stats["accepted"] += accepted
-            for c, point in zip(cache, checkpoints):
-                c.rewind(point, held, accepted + 1)
+            for c in cache:
+                c.trim(k - accepted)
             held = accepted + 1
             hidden = hiddens[:, accepted:accepted + 1]
             last = choices[accepted:accepted + 1]
@@ -157,18 +138,18 @@ def speculative_tokens(
                 yielded = i + 1
                 yield chosen[i], logprobs[i]
     except GeneratorExit:
-        _settle(model, cache, checkpoints, held, yielded, last)
+        _settle(model, cache, held, yielded, last)
         raise
     finally:
         streams.synchronize()  # see generate.generate_tokens
 
 
-def _settle(model, cache: List, checkpoints, held: int, yielded: int, last: mx.array) -> None:
+def _settle(model, cache: List, held: int, yielded: int, last: mx.array) -> None:
     """Make the cache hold exactly the tokens yielded: drop accepted drafts the
     caller did not take, or add the last token yielded (never in the cache yet)."""
-    if checkpoints is not None and yielded < held:
-        for c, point in zip(cache, checkpoints):
-            c.rewind(point, held, yielded + 1)
+    if yielded < held:
+        for c in cache:
+            c.trim(held - yielded - 1)
     else:
         model(last[None], cache)
     mx.eval([c.state for c in cache])

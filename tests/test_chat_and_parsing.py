@@ -99,6 +99,7 @@ def test_generation_result_collects_channels():
             self.channel, self.text, self.finish_reason = channel, text, None
             self.prompt_tokens = self.generation_tokens = 1
             self.prompt_tps = self.generation_tps = self.peak_memory_gb = 0.0
+            self.draft_acceptance = None
     result = GenerationResult.collect([R("thinking", "hmm "), R("answer", " Yes "), R("tool_call", "call:f{a:1}")])
     assert (result.thinking, result.answer, result.tool_calls) == ("hmm", "Yes", [ToolCall("f", {"a": 1})])
 

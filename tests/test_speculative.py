@@ -82,9 +82,8 @@ def test_drafts_match_transformers(pair, hf_model, variant, ordered, prompt_leng
 
     # The prompt goes in as our loop feeds it: all but the last token, then the last one.
     cache = model.make_cache()
+    target_kv = speculative.DrafterKV(model, drafter, cache, 3)
     model(mx.array([prompt[:-1]]), cache)
-    target_kv = speculative.DrafterKV(model, drafter, cache)
-    target_kv.remember()
     logits, hidden = model(mx.array([prompt[-1:]]), cache, return_hidden=True)
     assert mx.argmax(logits[0, -1]).item() == first
     shared = target_kv.shared()
@@ -133,9 +132,8 @@ def test_drafts_after_a_verifying_pass_match_transformers(pair, hf_model, varian
                                                  n_last_matches=len(block) - 1)
 
     cache = model.make_cache()
+    target_kv = speculative.DrafterKV(model, drafter, cache, 3)
     model(mx.array([prompt]), cache)
-    target_kv = speculative.DrafterKV(model, drafter, cache)
-    target_kv.remember()
     logits, hidden = model(mx.array([block]), cache, return_hidden=True)
     assert mx.argmax(logits[0, -1]).item() == bonus
     drafts = speculative.propose(drafter, model, mx.array([bonus]), hidden[:, -1:], target_kv.shared(),
@@ -220,8 +218,8 @@ def test_stopping_leaves_the_cache_of_plain_decoding(pair, monkeypatch):
         _, _, cache, _ = _speculative(model, drafter, PROMPT, n)
         assert [c.offset for c in cache] == [c.offset for c in plain_cache]
         for ours, theirs in zip(cache, plain_cache):
-            for a, b in zip(ours.state, theirs.state):
-                np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+            for a, b in zip(ours.state, theirs.state):  # a sliding cache keeps k + 1 more positions with a drafter
+                np.testing.assert_allclose(np.array(a)[:, :, -b.shape[2]:], np.array(b), rtol=1e-5, atol=1e-5)
 
 
 def test_chat_turns_with_a_drafter_are_the_turns_without(pair):
@@ -264,8 +262,9 @@ def test_a_quantized_drafter_loads_and_drafts(pair, tmp_path):
     _assert_same_stream(expected, got)
     # 8 bits barely move the drafts: the same as the float drafter's for the first round.
     cache = model.make_cache()
+    target_kv = speculative.DrafterKV(model, drafter, cache, 3)
     logits, hidden = model(mx.array([PROMPT]), cache, return_hidden=True)
-    first, shared = mx.argmax(logits[:, -1], axis=-1), speculative.DrafterKV(model, drafter, cache).shared()
+    first, shared = mx.argmax(logits[:, -1], axis=-1), target_kv.shared()
     drafts = [speculative.propose(d, model, first, hidden[:, -1:], shared, len(PROMPT), 3).tolist()
               for d in (drafter, loaded)]
     assert drafts[0] == drafts[1]
@@ -279,25 +278,54 @@ def test_sampling_path_verifies_every_position(pair):
     _assert_same_stream(expected, _speculative(model, drafter, PROMPT, 20, sampler=sampler, draft_tokens=5))
 
 
-def test_rotating_cache_rewind_across_the_window():
-    """Rewinding a sliding cache after a block that wrapped past the window keeps what a cache fed only the kept
-    tokens holds."""
-    window, kv = 8, np.random.default_rng(0).standard_normal((1, 1, 30, 4)).astype(np.float32)
-    for before, written, kept in [(3, 4, 1), (7, 4, 2), (8, 5, 0), (13, 7, 3), (20, 4, 4)]:
-        cache, reference = RotatingKVCache(window), RotatingKVCache(window)
-        for c in (cache, reference):
-            for i in range(before):
-                c.update_and_fetch(mx.array(kv[:, :, i:i + 1]), mx.array(kv[:, :, i:i + 1]))
-        point = cache.checkpoint()
-        block = mx.array(kv[:, :, before:before + written])
-        cache.update_and_fetch(block, block)
-        cache.rewind(point, written, kept)
-        if kept:
-            block = mx.array(kv[:, :, before:before + kept])
-            reference.update_and_fetch(block, block)
-        assert cache.offset == reference.offset
-        for a, b in zip(cache.state, reference.state):
-            np.testing.assert_array_equal(np.array(a), np.array(b))
+def _visible(cache, positions):
+    """Feed `positions` (each key is its own position) and return, per query, the positions it attends to."""
+    n = len(positions)
+    new = mx.array(positions, dtype=mx.float32).reshape(1, 1, n, 1)
+    mask = cache.make_mask(n)
+    keys = np.array(cache.update_and_fetch(new, new)[0])[0, 0, :, 0]
+    mask = np.ones((n, keys.size), bool) if mask is None else np.broadcast_to(np.array(mask), (n, keys.size))
+    return [sorted(keys[row].tolist()) for row in mask]
+
+
+def test_sliding_cache_with_room_writes_blocks_in_place_and_trims():
+    """With room reserved, blocks of up to extra + 1 tokens are written into the full ring (not rebuilt),
+    and `trim` drops them again: every query sees exactly its window (itself and the window - 1 positions before
+    it), and the cache holds the last positions kept, in order."""
+    window, extra = 8, 4
+    rng = np.random.default_rng(0)
+    cache, kept = RotatingKVCache(window), []
+    cache.reserve(extra)
+    for step in range(80):
+        n = 11 if step == 0 else int(rng.integers(1, extra + 2))  # a prompt chunk, then blocks and single tokens
+        positions = list(range(cache.offset, cache.offset + n))
+        full = cache.keys is not None and cache.keys.shape[2] == window + extra
+        buffer = cache.keys
+        assert _visible(cache, positions) == [list(range(max(0, q - window + 1), q + 1)) for q in positions]
+        if full:  # written into the same buffer
+            assert cache.keys is buffer and cache.keys.shape[2] == window + extra
+        del buffer
+        kept += positions
+        dropped = int(rng.integers(0, n))
+        cache.trim(dropped)
+        kept = kept[: len(kept) - dropped]
+        assert cache.offset == len(kept)
+        # The last positions kept, in order (a block overwrites the oldest slots before it is trimmed), and at
+        # least a window of them when up to `extra` are trimmed.
+        held = np.array(cache.state[0])[0, 0, :, 0].tolist()
+        assert held == kept[-len(held):] and len(held) >= min(len(kept), window)
+
+
+def test_reserving_room_keeps_what_the_cache_holds():
+    window = 8
+    cache, plain = RotatingKVCache(window), RotatingKVCache(window)
+    for q in range(13):
+        _visible(cache, [q])
+        _visible(plain, [q])
+    cache.reserve(3)
+    for q in range(13, 20):
+        assert _visible(cache, [q]) == _visible(plain, [q]) == [list(range(q - window + 1, q + 1))]
+    assert np.array(cache.state[0])[0, 0, :, 0].tolist() == list(range(20 - 11, 20))
 
 
 def test_drafter_errors_are_one_line(pair, tiny_checkpoint, tiny_drafter):
@@ -309,8 +337,8 @@ def test_drafter_errors_are_one_line(pair, tiny_checkpoint, tiny_drafter):
         load(drafter_dir)
     with pytest.raises(CheckpointError, match="not an MTP drafter"):
         load_drafter(target_dir, model)
-    with pytest.raises(ValueError, match="below the smallest attention window"):
-        next(speculative.speculative_tokens(model, drafter, mx.array(PROMPT), draft_tokens=16))
+    with pytest.raises(ValueError, match="draft_tokens must be at least 1"):
+        next(speculative.speculative_tokens(model, drafter, mx.array(PROMPT), draft_tokens=0))
     processor = load(target_dir)[1]
     with pytest.raises(ValueError, match="cannot be combined with a draft model"):
         next(stream_generate(model, processor, "Hi", draft_model=drafter,
