@@ -303,6 +303,10 @@ def attention_masks(
         else:
             masks[kind] = "causal" if queries > 1 else None
         if kind == SLIDING and vision_blocks is not None and queries > 1:
+            # The overlay needs the new keys last, as a rebuilt cache has them (not so a ring written in place).
+            if cache and cache[config.layer_types.index(kind)]._in_place(queries):
+                raise ValueError(f"an image block in a call of only {queries} tokens, with a drafter's room in the "
+                                 "caches; feed the image with the text around it, or draft fewer tokens")
             masks[kind] = _with_vision_blocks(masks[kind], vision_blocks)
     return masks
 

@@ -151,7 +151,8 @@ class Model(nn.Module):
 
     def _vision_blocks(self, input_ids: mx.array, token_types: Optional[mx.array]) -> Optional[mx.array]:
         """Block ids for the bidirectional image overlay, when the checkpoint uses it."""
-        if self.config.text_config.use_bidirectional_attention != "vision":
+        # One token is a generated one: nothing to overlay, and no host sync in the decode loop.
+        if self.config.text_config.use_bidirectional_attention != "vision" or input_ids.shape[1] == 1:
             return None
         if token_types is None:
             token_types = mx.zeros_like(input_ids)
@@ -161,12 +162,13 @@ class Model(nn.Module):
         is_vision = (token_types == 1) | (token_types == 2)
         # A block always sits between begin- and end-of-image text tokens, so a call that starts or ends
         # inside one has split it, and its two halves could not see each other.
-        if (is_vision[:, 0] | is_vision[:, -1]).any().item():
+        any_vision, split = mx.stack([is_vision.any(), (is_vision[:, 0] | is_vision[:, -1]).any()]).tolist()
+        if split:
             raise ValueError(
                 "an image or video block is split across model calls; its tokens attend to each other both "
                 "ways, so pass each block (begin- to end-of-image) within one call"
             )
-        return vision_block_ids(token_types) if input_ids.shape[1] > 1 else None
+        return vision_block_ids(token_types) if any_vision else None
 
     def text_ids(self, input_ids: mx.array) -> mx.array:
         """`input_ids` with multimodal placeholders swapped for the pad id: the

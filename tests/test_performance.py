@@ -158,6 +158,18 @@ def test_decode_step_builds_no_mask_and_layers_never_sync_with_the_host(e2b):
         assert ".item()" not in source and ".tolist()" not in source, name
 
 
+def test_a_generated_token_is_not_checked_for_image_blocks(moe, monkeypatch):
+    """26B/31B check each call for a split image block with one host sync; a generated token needs no check, and a
+    sync there would make the decode loop wait for each step before building the next."""
+    cache = moe.make_cache()
+    moe(mx.arange(4, 40)[None], cache)
+    stacks = _count_calls(monkeypatch, mx, "stack")  # the check reads its two flags through one mx.stack
+    moe(mx.array([[7]]), cache)
+    assert stacks == []
+    moe(mx.array([[7, 8]]), cache)
+    assert stacks == ["stack"]
+
+
 def _count_calls(monkeypatch, space, name) -> list:
     calls = []
     original = getattr(space, name)

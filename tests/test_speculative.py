@@ -328,6 +328,20 @@ def test_reserving_room_keeps_what_the_cache_holds():
     assert np.array(cache.state[0])[0, 0, :, 0].tolist() == list(range(20 - 11, 20))
 
 
+def test_an_image_block_written_into_a_ring_is_refused(pair):
+    """The image overlay of a sliding mask needs the new keys last; a short call into a cache with a drafter's room
+    would put them in ring slots, so it is refused rather than masked wrong."""
+    from mlx_gemma4.cache import attention_masks
+
+    model, drafter, _, _ = pair("e2b", True)
+    cache = model.make_cache()
+    speculative.DrafterKV(model, drafter, cache, 3)
+    model(mx.array([PROMPT]), cache)
+    with pytest.raises(ValueError, match="image block in a call of only 3 tokens"):
+        attention_masks(model.config.text_config, 3, cache, mx.array([[0, 0, -1]]))
+    attention_masks(model.config.text_config, 30, cache, mx.array([[0] * 30]))  # a longer call rebuilds: fine
+
+
 def test_drafter_errors_are_one_line(pair, tiny_checkpoint, tiny_drafter):
     model, drafter, target_dir, drafter_dir = pair("e2b", True)
     other, _ = load(tiny_checkpoint("31b", with_towers=False))
