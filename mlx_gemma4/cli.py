@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import mlx.core as mx
 
+from . import precision
 from .audio_features import prepare_audio, split_at_silence
 from .drafter import load_drafter
 from .generate import stream_generate, stop_token_ids
@@ -94,6 +95,9 @@ def load_models(args: argparse.Namespace) -> tuple:
     """The model, its processor and its drafter (None without --draft-model)."""
     model, processor = load(args.model, revision=args.revision, dtype=args.dtype)
     drafter = load_drafter(args.draft_model, model) if args.draft_model else None
+    if drafter is not None and precision.cpu_backend():
+        print("note: on MLX's CPU backend a drafter makes decoding slower (a pass over the drafts costs one step "
+              "per token there); it pays on a Mac", file=sys.stderr)
     return model, processor, drafter
 
 
