@@ -141,6 +141,27 @@ def test_drafts_after_a_verifying_pass_match_transformers(pair, hf_model, varian
     assert drafts.tolist() == candidates[0, -3:].tolist()
 
 
+def test_the_drafter_reads_window_plus_one_sliding_positions_after_a_rejected_round(pair):
+    """After a verifying pass whose drafts were all rejected, the drafter still reads window + 1 sliding positions
+    (the reserved room is k + 1, not k), the same keys and values as a cache fed only the kept tokens."""
+    model, drafter, _, _ = pair("e2b", True)
+    window = model.config.text_config.sliding_window
+    cache = model.make_cache()
+    target_kv = speculative.DrafterKV(model, drafter, cache, 3)
+    model(mx.array([PROMPT]), cache)
+    model(mx.array([[330, 331, 332, 333]]), cache)
+    for c in cache:
+        c.trim(3)
+    reference = model.make_cache()
+    reference_kv = speculative.DrafterKV(model, drafter, reference, 10)
+    model(mx.array([PROMPT + [330]]), reference)
+    ours, theirs = target_kv.shared(), reference_kv.shared()
+    for kind, (keys, values) in ours.items():
+        assert keys.shape[2] == (window + 1 if kind == "sliding_attention" else len(PROMPT) + 1)
+        for a, b in zip((keys, values), theirs[kind]):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
+
+
 def _plain(model, prompt, n, sampler=None):
     cache = model.make_cache()
     out = list(itertools.islice(generate_tokens(model, mx.array(prompt), cache=cache, sampler=sampler), n))
