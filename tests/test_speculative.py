@@ -228,6 +228,26 @@ def test_gpu_route_speculative_stream_is_the_plain_stream(pair, variant, ordered
     _assert_same_stream(expected, _speculative(model, drafter, PROMPT, 20))
 
 
+def test_verifying_passes_write_into_the_same_cache_buffers(pair):
+    """Round after round (here every draft rejected: k + 1 tokens written, k trimmed), each cache keeps one buffer:
+    the verifying pass writes in place, nothing is reallocated or copied."""
+    model, drafter, _, _ = pair("e2b", True)
+    cache, buffers = model.make_cache(), {}
+
+    def address(a):
+        view = np.asarray(a)  # shares the buffer; dropped at once, so MLX may still write in place
+        return view.__array_interface__["data"][0]
+
+    stream = speculative.speculative_tokens(model, drafter, mx.array(list(range(300, 340))), cache=cache,
+                                            draft_tokens=3)
+    for _ in zip(range(24), stream):
+        for i, c in enumerate(cache):
+            mx.eval(c.keys)
+            buffers.setdefault(i, set()).add((c.keys.shape[2], address(c.keys)))
+    stream.close()
+    assert all(len(seen) == 1 for seen in buffers.values()), buffers
+
+
 def test_stopping_leaves_the_cache_of_plain_decoding(pair, monkeypatch):
     """Wherever the caller stops (inside a round of accepted drafts or on its last token), the cache holds the
     prompt and exactly the tokens yielded, as plain decoding leaves it; and the next turn continues alike."""
