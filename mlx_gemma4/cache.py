@@ -138,23 +138,23 @@ class RotatingKVCache:
             return x[..., start:self._next, :]
         return mx.concatenate([x[..., start:, :], x[..., : self._next, :]], axis=2)
 
-    def _in_place(self, n: int) -> bool:
+    def writes_in_place(self, n: int) -> bool:
         """Whether `n` new tokens are written into the buffer (else it is rebuilt)."""
         if self.keys is None:
             return False
         return n == 1 or (self.keys.shape[2] == self.capacity and n - 1 <= self.capacity - self.window)
 
-    def _size_for(self, n: int) -> int:
-        """The buffer's size once `n` tokens are written in place."""
+    def _after_writing(self, n: int) -> Tuple[int, int, int]:
+        """`(buffer size, next slot, valid entries)` once `n` tokens are written in place."""
         size = self.keys.shape[2]
         if size < self.capacity and self._next + n > size:  # one token past a buffer still growing
-            return min(-(-(self._next + n) // self.step) * self.step, self.capacity)
-        return size
+            size = min(-(-(self._next + n) // self.step) * self.step, self.capacity)
+        return size, (self._next + n) % self.capacity, min(self._stored + n, size)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
         n = keys.shape[2]
-        if self._in_place(n):
-            size = self._size_for(n)
+        if self.writes_in_place(n):
+            size, after, stored = self._after_writing(n)
             if size != self.keys.shape[2]:
                 self.keys, self.values = self._with_room(self.keys, size), self._with_room(self.values, size)
             for buffer, new in ((self.keys, keys), (self.values, values)):
@@ -162,11 +162,10 @@ class RotatingKVCache:
                 buffer[..., self._next:self._next + first, :] = new[..., :first, :]
                 if first < n:
                     buffer[..., : n - first, :] = new[..., first:, :]
-            self._next = (self._next + n) % self.capacity
-            self._stored = min(self._stored + n, size)
+            self._next, self._stored = after, stored
             self.offset += n
-            if self._next == self._stored:  # the valid slots are a prefix: no mask needed for them
-                return self.keys[..., : self._stored, :], self.values[..., : self._stored, :]
+            if after == stored:  # the valid slots are a prefix: no mask needed for them
+                return self.keys[..., :stored, :], self.values[..., :stored, :]
             return self.keys, self.values
         if self.keys is not None:
             keep = min(self._stored, self.window - 1)
@@ -208,13 +207,11 @@ class RotatingKVCache:
         return mx.contiguous(x) if room is x else room
 
     def make_mask(self, queries: int) -> Mask:
-        if not self._in_place(queries):
+        if not self.writes_in_place(queries):
             kept = min(self._stored, self.window - 1)
             return _window_mask(queries, self.offset - kept, self.offset, kept + queries, self.window)
         # The slots `update_and_fetch` will return, by the position each holds then.
-        size = self._size_for(queries)
-        after = (self._next + queries) % self.capacity
-        stored = min(self._stored + queries, size)
+        size, after, stored = self._after_writing(queries)
         length = stored if after == stored else size
         if queries == 1 and stored <= self.window and length == stored:
             return None  # every returned key is inside the new token's window
@@ -304,7 +301,7 @@ def attention_masks(
             masks[kind] = "causal" if queries > 1 else None
         if kind == SLIDING and vision_blocks is not None and queries > 1:
             # The overlay needs the new keys last, as a rebuilt cache has them (not so a ring written in place).
-            if cache and cache[config.layer_types.index(kind)]._in_place(queries):
+            if cache and cache[config.layer_types.index(kind)].writes_in_place(queries):
                 raise ValueError(f"an image block in a call of only {queries} tokens, with a drafter's room in the "
                                  "caches; feed the image with the text around it, or draft fewer tokens")
             masks[kind] = _with_vision_blocks(masks[kind], vision_blocks)
