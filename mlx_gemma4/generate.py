@@ -18,8 +18,9 @@ from tokenizers.decoders import DecodeStream
 
 from . import streams
 from .cache import prefill
-from .speculative import speculative_tokens
 from .response import ANSWER, ChannelParser, GenerationResult, starts_inside_thought
+from .sampling import log_probabilities, make_sampler
+from .speculative import speculative_tokens
 from .tools import tool_schemas
 
 Prompt = Union[str, List[int], List[dict]]
@@ -65,14 +66,14 @@ def generate_tokens(
     """
     streams.this_thread()  # a worker thread then cleans up its MLX state as it ends
     cache = model.make_cache() if cache is None else cache
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    sampler = sampler or make_sampler()  # greedy
     history = prompt
 
     def step(tokens: mx.array, extra: dict) -> tuple:
         logits = model(tokens[None], cache, **extra)[:, -1, :].astype(mx.float32)
         for processor in logits_processors:
             logits = processor(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = log_probabilities(logits)
         return sampler(logprobs), logprobs
 
     prefill(model, prompt, cache, prefill_step_size, multimodal_inputs)

@@ -14,6 +14,12 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
+def log_probabilities(logits: mx.array) -> mx.array:
+    """`logits` as float32 log-probabilities over the last axis (what samplers take)."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
     """A function from log-probabilities `[B, vocab]` to token ids `[B]`.
 

@@ -26,11 +26,7 @@ from .attention import KV
 from .cache import RotatingKVCache, cache_offset, prefill
 from .config import SLIDING
 from .drafter import Drafter, kv_store_layer
-
-
-def _log_softmax(logits: mx.array) -> mx.array:
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+from .sampling import log_probabilities, make_sampler
 
 
 class DrafterKV:
@@ -100,7 +96,7 @@ def speculative_tokens(
     exactly the tokens yielded, as with `generate_tokens`."""
     streams.this_thread()
     cache = model.make_cache() if cache is None else cache
-    sampler = sampler or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+    sampler = sampler or make_sampler()  # greedy
     k = drafter.draft_tokens if draft_tokens is None else draft_tokens
     if k < 1:
         raise ValueError(f"draft_tokens must be at least 1, got {k}")
@@ -110,7 +106,7 @@ def speculative_tokens(
     target_kv = DrafterKV(model, drafter, cache, k)
     prefill(model, prompt, cache, prefill_step_size, multimodal_inputs)
     logits, hidden = model(prompt[None, -1:], cache, return_hidden=True)
-    logprobs = _log_softmax(logits[0])
+    logprobs = log_probabilities(logits[0])
     last = sampler(logprobs)
     # The tokens of the last verifying pass the caches kept, and how many of the
     # round's tokens the caller took: when it stops, `_settle` makes the cache
@@ -123,7 +119,7 @@ def speculative_tokens(
             block = mx.concatenate([last, drafts])
             held, yielded = k + 1, 0
             logits, hiddens = model(block[None], cache, return_hidden=True)
-            logprobs = _log_softmax(logits[0])
+            logprobs = log_probabilities(logits[0])
             choices = sampler(logprobs)
             chosen, drafted = choices.tolist(), block[1:].tolist()
             accepted = next((i for i, (c, d) in enumerate(zip(chosen, drafted)) if c != d), k)
