@@ -340,11 +340,12 @@ _CLIP_BUFFERS = ("input_min", "input_max", "output_min", "output_max")
 
 
 @torch.no_grad()
-def _perturb(model: Gemma4ForConditionalGeneration) -> None:
-    """Redraws every saved parameter and buffer except the clipping bounds (see ``_calibrate_clipping``)."""
+def _perturb(model: torch.nn.Module) -> None:
+    """Redraws every saved float parameter and buffer except the clipping bounds (see ``_calibrate_clipping``);
+    integer buffers (a drafter's token ordering) are left to the caller."""
     seen: set[int] = set()
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen or name.rsplit(".", 1)[-1] in _CLIP_BUFFERS:
+        if id(tensor) in seen or name.rsplit(".", 1)[-1] in _CLIP_BUFFERS or not tensor.is_floating_point():
             continue
         seen.add(id(tensor))
         tensor.copy_(_redrawn(name, tensor))
@@ -491,15 +492,9 @@ def build_drafter(out_dir: str | Path, variant: str, *, ordered: bool = True, se
     torch.manual_seed(seed)
     model = Gemma4AssistantForCausalLM(
         Gemma4AssistantConfig(**drafter_config(variant, ordered=ordered, sliding_window=sliding_window)))
-    with torch.no_grad():
-        seen: set[int] = set()
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if id(tensor) in seen:
-                continue
-            seen.add(id(tensor))
-            if name == "masked_embedding.token_ordering":
-                tensor.copy_(torch.randperm(tensor.numel()))  # a permutation of the vocabulary
-            else:
-                tensor.copy_(_redrawn(name, tensor))
+    _perturb(model)
+    if ordered:
+        with torch.no_grad():  # a permutation of the vocabulary
+            model.masked_embedding.token_ordering.copy_(torch.randperm(model.config.text_config.vocab_size))
     model.save_pretrained(out_dir)
     return out_dir
