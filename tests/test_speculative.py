@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -54,6 +55,26 @@ def pair(tiny_checkpoint, tiny_drafter):
     return get
 
 
+def _transformers_drafts(target, drafter_dir: Path, outputs, input_ids: list, kept: Optional[int]) -> tuple:
+    """Three drafts (as ids) and their logits from transformers' Gemma-4 candidate generator, fed the target's
+    `outputs` (with hidden states and shared K/V): after the prompt's prefill (`kept` None), or after a verifying
+    pass whose first `kept` drafts were accepted. `input_ids` end with the token the drafts follow."""
+    torch = pytest.importorskip("torch")
+    from transformers import Gemma4AssistantForCausalLM, GenerationConfig
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
+    assistant = Gemma4AssistantForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    assistant.generation_config.num_assistant_tokens = 3
+    generator = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
+                                                           GenerationConfig(max_length=1000))
+    generator.is_main_model_prefill = kept is None
+    with torch.no_grad():
+        candidates, logits = generator.get_candidates(torch.tensor([input_ids]), model_kwargs={}, model_outputs=outputs,
+                                                      is_first_iteration=False, n_last_matches=kept or 0)
+    return candidates[0, -3:].tolist(), logits
+
+
 @pytest.mark.parametrize("variant,ordered", CASES)
 @pytest.mark.parametrize("prompt_length", [10, 16, 17, 30])
 def test_drafts_match_transformers(pair, hf_model, variant, ordered, prompt_length):
@@ -61,24 +82,13 @@ def test_drafts_match_transformers(pair, hf_model, variant, ordered, prompt_leng
     Gemma-4 candidate generator, and the same logits at each step within 1e-4 of their range. Past the window its
     sliding layers see one position more than the target's sliding cache keeps."""
     torch = pytest.importorskip("torch")
-    from transformers import Gemma4AssistantForCausalLM, GenerationConfig
-    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
-
     model, drafter, target_dir, drafter_dir = pair(variant, ordered)
     prompt = list(range(300, 300 + prompt_length))
     target = hf_model(target_dir)
-    assistant = Gemma4AssistantForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    assistant.generation_config.num_assistant_tokens = 3
     with torch.no_grad():
         out = target(input_ids=torch.tensor([prompt]), output_hidden_states=True, return_shared_kv_states=True)
-        first = out.logits[0, -1].argmax().item()
-        generator = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
-                                                               GenerationConfig(max_length=1000))
-        candidates, their_logits = generator.get_candidates(torch.tensor([prompt + [first]]), model_kwargs={},
-                                                            model_outputs=out, is_first_iteration=False,
-                                                            n_last_matches=0)
-    their_drafts = candidates[0, -3:].tolist()
+    first = out.logits[0, -1].argmax().item()
+    their_drafts, their_logits = _transformers_drafts(target, drafter_dir, out, prompt + [first], kept=None)
 
     # The prompt goes in as our loop feeds it: all but the last token, then the last one.
     cache = model.make_cache()
@@ -110,26 +120,15 @@ def test_drafts_after_a_verifying_pass_match_transformers(pair, hf_model, varian
     rejected tail from its sliding K/V), the next drafts read the verifying pass's hidden state and K/V, including
     the sliding position the pass pushed out of the cache."""
     torch = pytest.importorskip("torch")
-    from transformers import Gemma4AssistantForCausalLM, GenerationConfig
-    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
-
     model, drafter, target_dir, drafter_dir = pair(variant, ordered)
     prompt, block = PROMPT, [330, 331, 332, 333]  # the last token and three kept drafts
     target = hf_model(target_dir)
-    assistant = Gemma4AssistantForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
-    assistant.generation_config.num_assistant_tokens = 3
     with torch.no_grad():
         out = target(input_ids=torch.tensor([prompt]), use_cache=True)
         out = target(input_ids=torch.tensor([block]), cache=out.cache, output_hidden_states=True,
                      return_shared_kv_states=True)
-        bonus = out.logits[0, -1].argmax().item()
-        generator = SinglePositionMultiTokenCandidateGenerator(assistant, target.get_input_embeddings(),
-                                                               GenerationConfig(max_length=1000))
-        generator.is_main_model_prefill = False
-        candidates, _ = generator.get_candidates(torch.tensor([prompt + block + [bonus]]), model_kwargs={},
-                                                 model_outputs=out, is_first_iteration=False,
-                                                 n_last_matches=len(block) - 1)
+    bonus = out.logits[0, -1].argmax().item()
+    their_drafts, _ = _transformers_drafts(target, drafter_dir, out, prompt + block + [bonus], kept=len(block) - 1)
 
     cache = model.make_cache()
     target_kv = speculative.DrafterKV(model, drafter, cache, 3)
@@ -138,7 +137,7 @@ def test_drafts_after_a_verifying_pass_match_transformers(pair, hf_model, varian
     assert mx.argmax(logits[0, -1]).item() == bonus
     drafts = speculative.propose(drafter, model, mx.array([bonus]), hidden[:, -1:], target_kv.shared(),
                                  len(prompt) + len(block), 3)
-    assert drafts.tolist() == candidates[0, -3:].tolist()
+    assert drafts.tolist() == their_drafts
 
 
 def test_the_drafter_reads_window_plus_one_sliding_positions_after_a_rejected_round(pair):
