@@ -10,7 +10,7 @@ the same random prompts: load time, time to first token per prompt length,
 decode tokens/s, peak memory, the ratio of each, and decode as a share of the
 machine's measured memory bandwidth (weights + KV cache read per token).
 
-    python benchmarks/bench.py                 # e2b (10 layers) + 26b-a4b (4 layers), 4-bit
+    python benchmarks/bench.py                 # e2b (10 layers), 26b-a4b (4), 31b (2), 4-bit
     python benchmarks/bench.py --quick         # CI smoke run
     python benchmarks/bench.py --geometry e2b --long-context 8192 --json out.json
 
@@ -43,7 +43,8 @@ from mlx_gemma4.config import ModelConfig, TextConfig  # noqa: E402
 from mlx_gemma4.generate import generate_tokens  # noqa: E402
 from mlx_gemma4.loader import load_model, read_config  # noqa: E402
 
-DEFAULT_LAYERS = {"e2b": 10, "26b-a4b": 4}
+DEFAULT_LAYERS = {"e2b": 10, "26b-a4b": 4, "31b": 2}
+# The CI smoke run leaves out 31B: its dense path is E2B's, its K=V attention 26B-A4B's.
 QUICK_LAYERS = {"e2b": 6, "26b-a4b": 1}
 DEFAULTS = {"prompt_lengths": [32, 128], "decode_tokens": 8}
 QUICK = {"prompt_lengths": [16], "decode_tokens": 3}
@@ -302,7 +303,8 @@ def comparison_table(results: Sequence[Result]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--geometry", nargs="+", choices=list(GEOMETRIES), default=list(GEOMETRIES))
+    parser.add_argument("--geometry", nargs="+", choices=list(GEOMETRIES),
+                        help=f"geometries to run (default: {list(DEFAULT_LAYERS)}; --quick: {list(QUICK_LAYERS)})")
     parser.add_argument("--layers", type=int,
                         help=f"decoder layers of every geometry (default: {DEFAULT_LAYERS}; --quick: {QUICK_LAYERS})")
     parser.add_argument("--bits", type=int, choices=[4, 8], default=4)
@@ -328,6 +330,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else DEFAULTS
+    args.geometry = args.geometry or list(QUICK_LAYERS if args.quick else DEFAULT_LAYERS)
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, list(value) if isinstance(value, list) else value)

@@ -102,6 +102,26 @@ GEOMETRIES: Dict[str, Tuple[dict, int]] = {
         },
         6,
     ),
+    "31b": (
+        {
+            **_COMMON,
+            "attention_k_eq_v": True,
+            "enable_moe_block": False,
+            "hidden_size": 5376,
+            "hidden_size_per_layer_input": 0,
+            "intermediate_size": 21504,
+            "max_position_embeddings": 262144,
+            "num_attention_heads": 32,
+            "num_global_key_value_heads": 4,
+            "num_hidden_layers": 60,
+            "num_key_value_heads": 16,
+            "num_kv_shared_layers": 0,
+            "sliding_window": 1024,
+            "use_bidirectional_attention": "vision",
+            "use_double_wide_mlp": False,
+        },
+        6,
+    ),
 }
 
 # The released google/gemma-4-E2B-it-assistant config.json (the E2B MTP drafter;

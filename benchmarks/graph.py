@@ -39,30 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from checkpoints import GEOMETRIES, _COMMON, cut_layers, real_text_config  # noqa: E402
+from checkpoints import GEOMETRIES, cut_layers, real_text_config  # noqa: E402
 from mlx_gemma4 import precision  # noqa: E402
-from mlx_gemma4.config import FULL, SLIDING, ModelConfig  # noqa: E402
+from mlx_gemma4.config import ModelConfig  # noqa: E402
 from mlx_gemma4.fusion import fuse  # noqa: E402
 from mlx_gemma4.model import Model  # noqa: E402
 
-# google/gemma-4-31B-it's text_config (dense, K=V on global layers).
-GEOMETRIES_31B = {
-    **_COMMON,
-    "attention_k_eq_v": True,
-    "enable_moe_block": False,
-    "hidden_size": 5376,
-    "hidden_size_per_layer_input": 0,
-    "intermediate_size": 21504,
-    "max_position_embeddings": 262144,
-    "num_attention_heads": 32,
-    "num_global_key_value_heads": 4,
-    "num_hidden_layers": 60,
-    "num_key_value_heads": 16,
-    "num_kv_shared_layers": 0,
-    "sliding_window": 1024,
-    "use_bidirectional_attention": "vision",
-    "use_double_wide_mlp": False,
-}
 LAYERS = {"e2b": 7, "26b-a4b": 2, "31b": 2}
 CONTEXT = 64  # tokens in the cache when the step is built
 GRAPH_VOCAB = 4096  # the vocabulary does not change the graph, only the LM head's size
@@ -70,13 +52,7 @@ BITS, GROUP = 4, 64
 
 
 def text_config(geometry: str, layers: int, vocab: Optional[int] = None) -> dict:
-    if geometry == "31b":
-        n = GEOMETRIES_31B["num_hidden_layers"]
-        types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n)]
-        text = {**GEOMETRIES_31B, "layer_types": types}
-    else:
-        text = real_text_config(geometry)
-    text = cut_layers(text, layers)
+    text = cut_layers(real_text_config(geometry), layers)
     if vocab:
         text = {**text, "vocab_size": vocab, "vocab_size_per_layer_input": vocab}
     return text
@@ -218,7 +194,7 @@ def measure(geometry: str, layers: int, fused: bool = True) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--geometry", nargs="+", default=list(LAYERS), choices=[*GEOMETRIES, "31b"])
+    p.add_argument("--geometry", nargs="+", default=list(LAYERS), choices=list(GEOMETRIES))
     p.add_argument("--layers", type=int, default=None, help="layers per geometry (default: %s)" % LAYERS)
     p.add_argument("--unfused", action="store_true", help="skip our load-time fusion (to measure it)")
     p.add_argument("--json", type=Path, default=None)
