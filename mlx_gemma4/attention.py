@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Optional, Tuple, Union
 
 import mlx.core as mx
@@ -31,6 +33,55 @@ def rope_periods(head_dim: int, theta: float, partial_rotary_factor: float) -> O
     periods = theta**exponents
     still = mx.full((head_dim // 2 - rotated_pairs,), mx.inf, dtype=mx.float32)
     return mx.concatenate([periods, still])
+
+
+def inverse_frequencies(head_dim: int, theta: float, periods: Optional[mx.array]) -> mx.array:
+    """The angle per position of each rotated pair, as `mx.fast.rope` computes
+    it (from `base`, or the reciprocal of `freqs`)."""
+    if periods is not None:
+        return mx.reciprocal(periods)
+    half = head_dim // 2
+    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(math.log(theta) / half, dtype=mx.float32))
+
+
+@partial(mx.compile, shapeless=True)
+def _scale_and_rotate(first: mx.array, second: mx.array, inverse_rms: mx.array, weight_first: mx.array,
+                      weight_second: mx.array, cos: mx.array, sin: mx.array) -> Tuple[mx.array, mx.array]:
+    a = first * inverse_rms * weight_first
+    b = second * inverse_rms * weight_second
+    return (a * cos - b * sin).astype(first.dtype), (b * cos + a * sin).astype(first.dtype)
+
+
+def cpu_norm_and_rotate(y: mx.array, weight: mx.array, rotated: int, plain_from: int, inverse_freqs: mx.array,
+                        offset: int, eps: float) -> Tuple[mx.array, mx.array]:
+    """The CPU route of norming heads `y` `[B, T, heads, head_dim]` (RMS, no
+    weight), scaling the first `rotated` by `weight` (`[rotated, head_dim]` or
+    `[head_dim]`) and rotating them (RoPE at positions `offset`, `offset + 1`,
+    ...). Returns those heads and the normed heads from `plain_from` on, each
+    `[B, heads, T, head_dim]`.
+
+    MLX's CPU backend runs `mx.fast.rms_norm` and `mx.fast.rope` as chains of
+    primitives whose temporaries, allocated ahead of the compute, are alive at
+    once: about 2 copies of every head and 5 of the rotated ones. Here the scale
+    and rotation are one compiled kernel (the same float operations in the same
+    order: the results are bit-identical). Measured on a 127-token prefill chunk
+    of a 31B layer, Q|K|V projection, norms and rotation peak 46 / 58 MB
+    (sliding / global) above their input, against 58 / 75 MB with `mx.fast`
+    (the projection alone: 20 / 22 MB); E2B 10 layers, 128-token prompt: 19
+    against 23 MB above the weights; the same speed.
+    """
+    heads = y.transpose(0, 2, 1, 3)
+    # In float32 whatever the compute dtype, as MLX's norm does.
+    inverse_rms = mx.rsqrt(mx.mean(mx.square(heads.astype(mx.float32)), axis=-1, keepdims=True) + eps)
+    half = y.shape[-1] // 2
+    positions = mx.arange(offset, offset + y.shape[1], dtype=mx.float32)
+    angles = positions[:, None] * inverse_freqs
+    weight = weight[:, None, :] if weight.ndim == 2 else weight
+    first, second = _scale_and_rotate(heads[:, :rotated, :, :half], heads[:, :rotated, :, half:],
+                                      inverse_rms[:, :rotated], weight[..., :half], weight[..., half:],
+                                      mx.cos(angles), mx.sin(angles))
+    plain = (heads[:, plain_from:] * inverse_rms[:, plain_from:]).astype(y.dtype)
+    return mx.concatenate([first, second], axis=-1), plain
 
 
 def attend(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
@@ -85,6 +136,7 @@ class Attention(nn.Module):
         rope = config.rope(layer)
         self.rope_theta = rope.theta
         self._rope_periods = rope_periods(self.head_dim, rope.theta, rope.partial_rotary_factor)
+        self._inverse_freqs = inverse_frequencies(self.head_dim, rope.theta, self._rope_periods)
         # Set at load time by `fusion.fuse`; None (trainable models): built per call.
         self._stacked_norm_weight: Optional[mx.array] = None
 
@@ -115,14 +167,18 @@ class Attention(nn.Module):
             y = self.qkv_proj(x)
         else:
             y = mx.concatenate([self[n](x) for n in ("q_proj", "k_proj", "v_proj") if n in self], axis=-1)
-        y = mx.fast.rms_norm(y.reshape(B, T, -1, self.head_dim), None, self.eps)
+        y = y.reshape(B, T, -1, self.head_dim)
         qk_heads = self.n_heads + self.n_kv_heads
-        weight = self._stacked_norm_weight
-        qk = y[:, :, :qk_heads] * (self.stacked_norm_weight() if weight is None else weight)
-        qk = self._rope(qk.transpose(0, 2, 1, 3), offset)
+        weight = self.stacked_norm_weight() if self._stacked_norm_weight is None else self._stacked_norm_weight
         # K=V: no V heads, V is the un-weighted norm of the K heads.
-        v = y[:, :, self.n_heads:] if y.shape[2] == qk_heads else y[:, :, qk_heads:]
-        return qk[:, : self.n_heads], qk[:, self.n_heads:], v.transpose(0, 2, 1, 3)
+        v_from = self.n_heads if y.shape[2] == qk_heads else qk_heads
+        if precision.cpu_backend():
+            qk, v = cpu_norm_and_rotate(y, weight, qk_heads, v_from, self._inverse_freqs, offset, self.eps)
+        else:
+            y = mx.fast.rms_norm(y, None, self.eps)
+            qk = self._rope((y[:, :, :qk_heads] * weight).transpose(0, 2, 1, 3), offset)
+            v = y[:, :, v_from:].transpose(0, 2, 1, 3)
+        return qk[:, : self.n_heads], qk[:, self.n_heads:], v
 
     def __call__(
         self,
@@ -139,8 +195,12 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
         else:
-            q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
-            q = self._rope(q.transpose(0, 2, 1, 3), offset)
+            q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
+            if precision.cpu_backend():
+                q, _ = cpu_norm_and_rotate(q, self.q_norm.weight, self.n_heads, self.n_heads, self._inverse_freqs,
+                                           offset, self.eps)
+            else:
+                q = self._rope(self.q_norm(q).transpose(0, 2, 1, 3), offset)
             k, v = shared_kv
 
         out = attend(q, k, v, mask)

@@ -22,7 +22,7 @@ from . import precision
 from .attention import KV
 from .config import DRAFTER_MODEL_TYPE, TextConfig
 from .fusion import fuse_layers
-from .loader import CheckpointError, evaluate_parameters, read_config, read_generation_config, read_into, resolve
+from .loader import CheckpointError, evaluate_constants, evaluate_parameters, read_config, read_generation_config, read_into, resolve
 from .text import DecoderLayer
 
 
@@ -207,5 +207,6 @@ def load_drafter(path_or_repo: Union[str, Path], target, *, revision: Optional[s
     del weights
     fuse_layers(drafter.model.layers)
     drafter.eval()
+    evaluate_constants(drafter)
     evaluate_parameters(drafter)
     return drafter

@@ -184,10 +184,7 @@ def load_model(
         if "experts" in layer:
             layer.experts.use_float32_on_cpu()
     model.eval()
-    # MLX runs a lazy array on a stream of the thread that built it: evaluated
-    # here, the load-time constants work from any thread that generates.
-    mx.eval([v for _, module in model.named_modules() for k, v in module.items()
-             if k.startswith("_") and isinstance(v, mx.array)])
+    evaluate_constants(model)
     if not lazy:
         evaluate_parameters(model)
     return model
@@ -203,6 +200,13 @@ def read_into(module: nn.Module, folder: Path, quantization: Optional[dict]) -> 
     use_cpu_routes(module)
     check_weights(module, weights)
     return weights
+
+
+def evaluate_constants(module: nn.Module) -> None:
+    """Evaluate the arrays layers keep beside their parameters (`_` names: rope
+    frequencies, stacked norm weights). MLX runs a lazy array on a stream of
+    the thread that built it: evaluated here, they work from any thread."""
+    mx.eval([v for _, m in module.named_modules() for k, v in m.items() if k.startswith("_") and isinstance(v, mx.array)])
 
 
 def evaluate_parameters(module: nn.Module) -> None:

@@ -7,10 +7,12 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
 import mlx_gemma4
+from mlx_gemma4 import attention
 from mlx_gemma4 import moe as moe_module
 from mlx_gemma4 import precision
 from mlx_gemma4 import streams as streams_module
@@ -178,6 +180,7 @@ def _count_calls(monkeypatch, space, name) -> list:
 
 
 def test_a_kv_owning_layer_norms_and_rotates_q_k_v_in_one_call_each(e2b, moe, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route (the CPU one is below)
     norms = _count_calls(monkeypatch, mx.fast, "rms_norm")
     ropes = _count_calls(monkeypatch, mx.fast, "rope")
     for model in (e2b, moe):  # separate V projection, and K=V on the global layers
@@ -188,6 +191,45 @@ def test_a_kv_owning_layer_norms_and_rotates_q_k_v_in_one_call_each(e2b, moe, mo
             x = mx.ones((1, 3, model.config.text_config.hidden_size))
             layer.self_attn(x, "causal", 0)
             assert (len(norms), len(ropes)) == (1, 1), i
+
+
+@pytest.mark.parametrize("offset", [0, 21])
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_cpu_norm_and_rotation_equal_mlx_fast_exactly(e2b, moe, tokens, offset, monkeypatch):
+    """The CPU route of Q/K/V's norms and RoPE (one compiled kernel instead of
+    MLX's CPU fallbacks of `mx.fast.rms_norm`/`rope`) gives the same bits as
+    `mx.fast`: K/V-owning and KV-shared layers, sliding and p-RoPE global, with
+    V heads and with K=V."""
+    mx.random.seed(tokens + offset)
+    for model in (e2b, moe):
+        for i, layer in enumerate(model.language_model.model.layers):
+            x = mx.random.normal((1, tokens, model.config.text_config.hidden_size))
+            kv = None
+            if not layer.self_attn.owns_kv:  # a shared layer reads random K/V
+                heads = (1, layer.self_attn.n_kv_heads, offset + tokens, layer.self_attn.head_dim)
+                kv = mx.random.normal(heads), mx.random.normal(heads)
+            mx.eval(x, kv)
+            cpu = layer.self_attn(x, None, offset, shared_kv=kv)
+            with monkeypatch.context() as patch:
+                patch.setattr(precision, "cpu_backend", lambda: False)
+                fast = layer.self_attn(x, None, offset, shared_kv=kv)
+            for a, b in zip(tree_flatten(cpu), tree_flatten(fast)):
+                assert mx.array_equal(a[1], b[1]).item(), (i, a[0])
+
+
+def test_cpu_norm_and_rotation_keep_bfloat16_activations_bfloat16():
+    """`--dtype bfloat16` on the CPU: the norm runs in float32 (as MLX's does),
+    the heads come back in bfloat16, within its rounding of `mx.fast`'s."""
+    y = (mx.random.normal((1, 7, 5, 64), key=mx.random.key(0)) * 3).astype(mx.bfloat16)
+    weight = mx.random.normal((4, 64), key=mx.random.key(1)).astype(mx.bfloat16)
+    rotated, plain = attention.cpu_norm_and_rotate(y, weight, 4, 3, attention.inverse_frequencies(64, 1e4, None), 5,
+                                                   1e-6)
+    normed = mx.fast.rms_norm(y, None, 1e-6)
+    expected = mx.fast.rope((normed[:, :, :4] * weight).transpose(0, 2, 1, 3), 64, traditional=False, base=1e4,
+                            scale=1.0, offset=5)
+    assert rotated.dtype == plain.dtype == mx.bfloat16
+    assert mx.allclose(rotated, expected, rtol=2e-2, atol=2e-2).item()
+    assert mx.allclose(plain, normed[:, :, 3:].transpose(0, 2, 1, 3), rtol=1e-2, atol=1e-2).item()
 
 
 def test_load_time_constants_change_nothing(moe, e2b):
@@ -561,7 +603,6 @@ def test_loading_peaks_at_the_loaded_weights(four_bit):
     """Fusion and casts make new tensors from the stored ones; evaluating them
     one at a time, with nothing else holding the stored ones, keeps the load
     peak at the size of what is loaded (it was 1.46x on this checkpoint)."""
-    from mlx.utils import tree_flatten
 
     out = four_bit("26b", "bfloat16")
     mx.clear_cache()
