@@ -62,17 +62,20 @@ def cpu_norm_and_rotate(y: mx.array, weight: mx.array, rotated: int, plain_from:
 
     MLX's CPU backend runs `mx.fast.rms_norm` and `mx.fast.rope` as chains of
     primitives whose temporaries, allocated ahead of the compute, are alive at
-    once: about 2 copies of every head and 5 of the rotated ones. Here the scale
-    and rotation are one compiled kernel (the same float operations in the same
-    order: the results are bit-identical). Measured on a 127-token prefill chunk
-    of a 31B layer, Q|K|V projection, norms and rotation peak 46 / 58 MB
-    (sliding / global) above their input, against 58 / 75 MB with `mx.fast`
-    (the projection alone: 20 / 22 MB); E2B 10 layers, 128-token prompt: 19
-    against 23 MB above the weights; the same speed.
+    once: about 2 copies of every head and 5 of the rotated ones. Here the sum
+    of squares is a product (no squared copy) and the scale and rotation are one
+    compiled kernel: the same float operations in the same order, bit-identical
+    results (tested). Measured on a 127-token prefill chunk of a 31B layer, the
+    Q|K|V projection, norms and rotation peak 38 / 48 MB (sliding / global) above
+    their input, against 58 / 75 MB with `mx.fast` (the projection alone: 20 /
+    22 MB). Whole 128-token prefills peak 64 MB (31B, 2 layers) and 16 MB (E2B,
+    10 layers) above the weights, against 88 and 23 MB; the same speed.
     """
     heads = y.transpose(0, 2, 1, 3)
-    # In float32 whatever the compute dtype, as MLX's norm does.
-    inverse_rms = mx.rsqrt(mx.mean(mx.square(heads.astype(mx.float32)), axis=-1, keepdims=True) + eps)
+    # In float32 whatever the compute dtype, as MLX's norm does; the sum of
+    # squares as a product, which makes no squared copy of the heads.
+    squares = mx.einsum("bhtd,bhtd->bht", *[heads.astype(mx.float32)] * 2)[..., None]
+    inverse_rms = mx.rsqrt(squares / y.shape[-1] + eps)
     half = y.shape[-1] // 2
     positions = mx.arange(offset, offset + y.shape[1], dtype=mx.float32)
     angles = positions[:, None] * inverse_freqs
