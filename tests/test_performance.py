@@ -555,6 +555,32 @@ def test_cpu_prefill_and_image_attention_split_heads_over_the_streams(monkeypatc
         assert mx.allclose(out, reference, rtol=1e-6, atol=1e-6)
 
 
+def test_cpu_image_attention_is_computed_block_by_block_of_queries(monkeypatch):
+    """A large image's attention on the CPU runs one block of queries at a time,
+    each evaluated before the next is built (so only one block's scores exist),
+    with every block reading all keys: the same output as one call."""
+    from mlx_gemma4 import vision
+
+    attention_layer = vision.VisionAttention(vision.VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        head_dim=8, patch_size=16, position_embedding_size=64, pooling_kernel_size=3, rms_norm_eps=1e-6,
+        use_clipped_linears=False, standardize=False, rope_theta=100.0))
+    patches = 40
+    x = mx.random.normal((2, patches, 32), key=mx.random.key(3))
+    positions = mx.stack([mx.arange(patches) % 8, mx.arange(patches) // 8], axis=-1).astype(mx.float32)
+    angles = mx.broadcast_to(positions[..., None] * mx.linspace(0.1, 1.0, 4), (2, patches, 2, 4))  # any will do
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    mask = (mx.arange(patches) < mx.array([patches, 31])[:, None])[:, None, None, :]  # padding in the second
+    whole = attention_layer(x, cos, sin, mask)
+    evaluated = []
+    monkeypatch.setattr(vision, "CPU_QUERY_BLOCK", 16)
+    evaluate = mx.eval
+    monkeypatch.setattr(vision.mx, "eval", lambda *a: evaluated.append(a) or evaluate(*a))
+    blocks = attention_layer(x, cos, sin, mask)
+    assert len(evaluated) == 3  # 16 + 16 + 8 queries
+    assert mx.allclose(blocks, whole, rtol=1e-6, atol=1e-6).item()
+
+
 def test_cpu_float_products_are_shared_out_over_the_streams(e2b, tiny_checkpoint, monkeypatch):
     """Unquantized layers (float checkpoints, the vision and audio towers) split
     their products by output columns over the CPU streams; small ones do not."""
