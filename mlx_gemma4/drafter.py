@@ -22,7 +22,8 @@ from . import precision
 from .attention import KV
 from .config import DRAFTER_MODEL_TYPE, TextConfig
 from .fusion import fuse_layers
-from .loader import CheckpointError, evaluate_constants, evaluate_parameters, read_config, read_generation_config, read_into, resolve
+from .loader import (CheckpointError, evaluate_constants, evaluate_parameters, read_config, read_generation_config,
+                     read_into, resolve)
 from .text import DecoderLayer
 
 

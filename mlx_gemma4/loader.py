@@ -206,7 +206,8 @@ def evaluate_constants(module: nn.Module) -> None:
     """Evaluate the arrays layers keep beside their parameters (`_` names: rope
     frequencies, stacked norm weights). MLX runs a lazy array on a stream of
     the thread that built it: evaluated here, they work from any thread."""
-    mx.eval([v for _, m in module.named_modules() for k, v in m.items() if k.startswith("_") and isinstance(v, mx.array)])
+    mx.eval([v for _, m in module.named_modules() for k, v in m.items()
+             if k.startswith("_") and isinstance(v, mx.array)])
 
 
 def evaluate_parameters(module: nn.Module) -> None:
