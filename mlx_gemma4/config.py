@@ -147,7 +147,11 @@ class TextConfig:
         None in a drafter, whose layers all read the target's K/V."""
         if layer < self.first_kv_shared_layer:
             return layer
-        kind = self.layer_types[layer]
+        return self.last_kv_owner(self.layer_types[layer])
+
+    def last_kv_owner(self, kind: str) -> Optional[int]:
+        """The last layer of attention type `kind` that owns its K/V (what KV-shared
+        layers and a drafter's layers of that type read); None if there is none."""
         return max((i for i in range(self.first_kv_shared_layer) if self.layer_types[i] == kind), default=None)
 
     def _layer_overrides(self) -> list:

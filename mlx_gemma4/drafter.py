@@ -78,7 +78,7 @@ class DrafterConfig:
         if text.vocab_size != target.vocab_size:
             raise ValueError(f"the drafter's vocabulary ({text.vocab_size}) differs from the model's ({target.vocab_size})")
         for layer, kind in enumerate(text.layer_types):
-            source = kv_store_layer(target, kind)
+            source = target.last_kv_owner(kind)
             if source is None:
                 raise ValueError(f"the drafter reads {kind} K/V, which this model does not have")
             mine = (text.layer_kv_heads(layer), text.layer_head_dim(layer))
@@ -86,12 +86,6 @@ class DrafterConfig:
             if mine != theirs:
                 raise ValueError(f"drafter layer {layer} attends over {mine[0]} K/V heads of width {mine[1]}, but the "
                                  f"model's {kind} layers have {theirs[0]} of width {theirs[1]}; pass the drafter of this model")
-
-
-def kv_store_layer(target: TextConfig, kind: str) -> Optional[int]:
-    """The target layer whose K/V a drafter's `kind` layers read: the last one
-    of that type that owns its K/V (it is also what KV-shared layers read)."""
-    return max((i for i in range(target.first_kv_shared_layer) if target.layer_types[i] == kind), default=None)
 
 
 class MaskedEmbedder(nn.Module):

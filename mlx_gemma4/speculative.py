@@ -25,7 +25,7 @@ from . import streams
 from .attention import KV
 from .cache import RotatingKVCache, cache_offset, prefill
 from .config import SLIDING
-from .drafter import Drafter, kv_store_layer
+from .drafter import Drafter
 from .sampling import log_probabilities, make_sampler
 
 
@@ -43,7 +43,7 @@ class DrafterKV:
     def __init__(self, model, drafter: Drafter, cache: List, k: int):
         target = model.config.text_config
         self.cache = cache
-        self.layers = {kind: kv_store_layer(target, kind) for kind in set(drafter.config.text_config.layer_types)}
+        self.layers = {kind: target.last_kv_owner(kind) for kind in set(drafter.config.text_config.layer_types)}
         self.window = drafter.config.text_config.sliding_window
         for c in cache:
             if isinstance(c, RotatingKVCache):
