@@ -247,8 +247,7 @@ def benchmark(runtime: Runtime, folder: Path, geometry: str, text: TextConfig, a
     """Load `folder` with `runtime` (timed in a new process), time every prompt
     length, then decode `args.decode_tokens` greedy tokens after the longest prompt."""
     load_s, load_peak_gb = load_in_new_process(runtime.name, None if args.dtype == "auto" else args.dtype, folder)
-    log(f"{geometry} {runtime.name}: loaded in {load_s:.1f} s (new process)")
-    warm_page_cache(folder)
+    log(f"{geometry} {runtime.name}: loaded in {load_s:.1f} s (new process, which read the files into the page cache)")
     gc.collect()
     mx.clear_cache()
     model = runtime.load(folder)
