@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mlx_gemma4 import load
+from mlx_gemma4 import vision
 from mlx_gemma4.image_processing import ImageInputError
 from mlx_gemma4.model import merge_features
 from mlx_gemma4.vision import VisionTower
@@ -54,7 +55,11 @@ def model_inputs(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
 
 
-def test_vision_tower_matches_transformers(pair):
+# 16: the CPU's blocks of queries (`vision.attend_in_blocks`), which only
+# images of more than CPU_QUERY_BLOCK patches take otherwise.
+@pytest.mark.parametrize("query_block", [vision.CPU_QUERY_BLOCK, 16])
+def test_vision_tower_matches_transformers(pair, query_block, monkeypatch):
+    monkeypatch.setattr(vision, "CPU_QUERY_BLOCK", query_block)
     variant, path, model, processor, hf = pair
     images = [image(1), image(2, 90, 40), image(3, 16, 16)]
     pixels, positions = hf_image_inputs(path, images)
