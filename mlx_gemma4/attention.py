@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -12,7 +12,26 @@ import mlx.nn as nn
 from . import precision, streams
 from .config import TextConfig
 
-KV = Tuple[mx.array, mx.array]
+
+class QuantizedTensor(NamedTuple):
+    """Keys or values `[B, heads, positions, head_dim]` as `mx.quantize` packs
+    them (affine, groups along head_dim); see `cache.QuantizedKVCache`."""
+
+    packed: mx.array
+    scales: mx.array
+    biases: mx.array
+
+    def quantization(self, head_dim: int) -> dict:
+        """The `group_size` and `bits` these arrays were packed with."""
+        return {"group_size": head_dim // self.scales.shape[-1], "bits": self.packed.shape[-1] * 32 // head_dim}
+
+    def heads(self, parts: int) -> list:
+        """`parts` equal groups of heads, each a QuantizedTensor."""
+        return [QuantizedTensor(*group) for group in zip(*(mx.split(a, parts, axis=1) for a in self))]
+
+
+Keys = Union[mx.array, QuantizedTensor]
+KV = Tuple[Keys, Keys]
 Mask = Union[None, str, mx.array]
 # Attention with fewer query-key pairs per head gains less from another thread
 # than the hand-over costs (one decode query over fewer than 1024 keys).
@@ -87,29 +106,66 @@ def cpu_norm_and_rotate(y: mx.array, weight: mx.array, rotated: int, plain_from:
     return mx.concatenate([first, second], axis=-1), plain
 
 
-def attend(q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
+def quantized_attention(q: mx.array, k: QuantizedTensor, v: QuantizedTensor, mask: Mask,
+                        stream: Optional[mx.Stream] = None) -> mx.array:
+    """Attention with scale 1 over quantized keys and values: the scores and
+    the weighted sum are quantized products, so the cache is never dequantized
+    whole. `mx.fast.scaled_dot_product_attention` takes only float keys."""
+    B, heads, T, D = q.shape
+    kv_heads, keys = k.packed.shape[1], k.packed.shape[2]
+    quantization = k.quantization(D)
+    # Each key/value head serves a group of query heads: [B, kv_heads, group, T, D].
+    q = q.reshape(B, kv_heads, heads // kv_heads, T, D)
+    k, v = ([mx.expand_dims(a, 2) for a in t] for t in (k, v))
+    scores = mx.quantized_matmul(q, *k, transpose=True, **quantization, stream=stream)
+    if isinstance(mask, str):  # "causal", aligned to the last key
+        mask = mx.arange(keys - T, keys)[:, None] >= mx.arange(keys)[None]
+    if mask is not None:
+        mask = mask[:, :, None] if mask.ndim == 4 else mask  # [B, 1, T, S]: one mask for every head
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min, stream=stream)
+    weights = mx.softmax(scores, axis=-1, precise=True, stream=stream)
+    out = mx.quantized_matmul(weights, *v, transpose=False, **quantization, stream=stream)
+    return out.reshape(B, heads, T, D)
+
+
+def _attention(q: mx.array, k: Keys, v: Keys, mask: Mask, stream: Optional[mx.Stream] = None) -> mx.array:
+    if isinstance(k, QuantizedTensor):
+        return quantized_attention(q, k, v, mask, stream)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask, stream=stream)
+
+
+def attend(q: mx.array, k: Keys, v: Keys, mask: Mask) -> mx.array:
     """Scaled dot-product attention with scale 1 (q_norm/k_norm replace the
-    1/sqrt(head_dim) scaling). On the CPU backend, where MLX's attention runs on
-    one thread, the heads of a large enough call are split over the CPU streams
-    (see `streams`): decode over a long cache, prefill chunks, image patches.
-    Measured (2 cores, 10-layer E2B / 4-layer 26B-A4B, 4-bit), decode with 8K
-    tokens cached runs at 0.93x / 0.91x of a short-context decode, 0.87x / 0.86x
-    with single-threaded attention."""
-    large = q.shape[2] * k.shape[2] >= SPLIT_ATTENTION_MIN_SCORES
+    1/sqrt(head_dim) scaling), over float or quantized keys and values. On the
+    CPU backend, where MLX's attention runs on one thread, the heads of a large
+    enough call are split over the CPU streams (see `streams`): decode over a
+    long cache, prefill chunks, image patches. Measured (2 cores, 10-layer E2B
+    / 4-layer 26B-A4B, 4-bit), decode with 8K tokens cached runs at 0.93x /
+    0.91x of a short-context decode, 0.87x / 0.86x with single-threaded attention."""
+    large = q.shape[2] * _layout(k).shape[2] >= SPLIT_ATTENTION_MIN_SCORES
     # Our masks are shared by all heads (None, "causal", [T, S], [B, 1, T, S]); a per-head one is not split.
     per_head_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] > 1
     # The backend first: a GPU never makes the CPU streams.
     lanes = streams.cpu_streams()[:q.shape[1]] if large and not per_head_mask and precision.cpu_backend() else (None,)
-    parts, kv_heads = len(lanes), k.shape[1]
+    parts, kv_heads = len(lanes), _layout(k).shape[1]
     if parts == 1 or (kv_heads > 1 and kv_heads % parts):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return _attention(q, k, v, mask)
     # Contiguous groups of query heads with the key/value heads they read.
     q_parts = mx.split(q, streams.split_points(q.shape[1], parts), axis=1)
-    kv_parts = [(k, v)] * parts if kv_heads == 1 else zip(mx.split(k, parts, axis=1), mx.split(v, parts, axis=1))
+    kv_parts = [(k, v)] * parts if kv_heads == 1 else zip(*(_head_groups(t, parts) for t in (k, v)))
     return streams.join([
-        mx.fast.scaled_dot_product_attention(part_q, part_k, part_v, scale=1.0, mask=mask, stream=stream)
+        _attention(part_q, part_k, part_v, mask, stream)
         for part_q, (part_k, part_v), stream in zip(q_parts, kv_parts, lanes)
     ], axis=1)
+
+
+def _layout(x: Keys) -> mx.array:
+    """An array with `x`'s [B, heads, positions, ...] leading axes."""
+    return x.packed if isinstance(x, QuantizedTensor) else x
+
+
+def _head_groups(x: Keys, parts: int) -> list:
+    return x.heads(parts) if isinstance(x, QuantizedTensor) else mx.split(x, parts, axis=1)
 
 
 class Attention(nn.Module):

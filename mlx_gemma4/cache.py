@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .attention import Mask
+from .attention import Keys, Mask, QuantizedTensor
 from .config import SLIDING, TextConfig
 
 
@@ -34,31 +34,52 @@ def _window_mask(queries: int, first_key: int, first_query: int, keys: int, wind
     return mask
 
 
+def _parts(x: Keys) -> Tuple[mx.array, ...]:
+    return tuple(x) if isinstance(x, QuantizedTensor) else (x,)
+
+
+def _like(x: Keys, parts) -> Keys:
+    """`parts` (a sequence of arrays) in the form of `x`."""
+    parts = tuple(parts)
+    return QuantizedTensor(*parts) if isinstance(x, QuantizedTensor) else parts[0]
+
+
 class KVCache:
     """Keys and values of every past token (global-attention layers)."""
 
     step = 256  # grow in blocks so decode does not reallocate every token
 
     def __init__(self):
-        self.keys: Optional[mx.array] = None
-        self.values: Optional[mx.array] = None
+        self.keys: Optional[Keys] = None
+        self.values: Optional[Keys] = None
         self.offset = 0
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+    def _stored(self, x: mx.array) -> Keys:
+        """New keys or values as the cache holds them."""
+        return x
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[Keys, Keys]:
         n, end = keys.shape[2], self.offset + keys.shape[2]
-        if self.keys is None or end > self.keys.shape[2]:
+        keys, values = self._stored(keys), self._stored(values)
+        if self.keys is None or end > _parts(self.keys)[0].shape[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
-            new_k = mx.zeros((*keys.shape[:2], grow, keys.shape[3]), keys.dtype)
-            new_v = mx.zeros((*values.shape[:2], grow, values.shape[3]), values.dtype)
+            room = [_like(x, (mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype) for a in _parts(x)))
+                    for x in (keys, values)]
             if self.keys is None:
-                self.keys, self.values = new_k, new_v
+                self.keys, self.values = room
             else:
-                self.keys = mx.concatenate([self.keys[..., : self.offset, :], new_k], axis=2)
-                self.values = mx.concatenate([self.values[..., : self.offset, :], new_v], axis=2)
-        self.keys[..., self.offset:end, :] = keys
-        self.values[..., self.offset:end, :] = values
+                self.keys, self.values = (
+                    _like(old, (mx.concatenate([a[..., : self.offset, :], b], axis=2)
+                                for a, b in zip(_parts(old), _parts(new))))
+                    for old, new in zip((self.keys, self.values), room))
+        for buffer, new in zip((self.keys, self.values), (keys, values)):
+            for a, b in zip(_parts(buffer), _parts(new)):
+                a[..., self.offset:end, :] = b
         self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        return self._first(end)
+
+    def _first(self, n: int) -> Tuple[Keys, Keys]:
+        return tuple(_like(x, (a[..., :n, :] for a in _parts(x))) for x in (self.keys, self.values))
 
     def make_mask(self, queries: int) -> Mask:
         # "causal" is aligned to the last key, so it holds with a non-empty cache too.
@@ -66,13 +87,11 @@ class KVCache:
 
     @property
     def state(self):
-        if self.keys is None:
-            return []
-        return [self.keys[..., : self.offset, :], self.values[..., : self.offset, :]]
+        return [] if self.keys is None else list(self._first(self.offset))
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else sum(a.nbytes for x in (self.keys, self.values) for a in _parts(x))
 
     def checkpoint(self) -> int:
         return self.offset
@@ -85,8 +104,24 @@ class KVCache:
         """Forget the last `n` tokens (later writes overwrite them)."""
         self.offset -= n
 
-    def load_state(self, keys: mx.array, values: mx.array) -> None:
-        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+    def load_state(self, keys: Keys, values: Keys) -> None:
+        self.keys, self.values, self.offset = keys, values, _parts(keys)[0].shape[2]
+
+
+class QuantizedKVCache(KVCache):
+    """A global layer's keys and values quantized as they arrive (affine,
+    `bits` per value, a scale and bias per `group_size` values of a head), read
+    by `attention.quantized_attention`. Sliding layers keep float caches: they
+    hold at most a window, and are the ones a long context does not grow.
+    mlx-lm's `QuantizedKVCache` is the same idea; it is not imported for the
+    reason given at the top of this module."""
+
+    def __init__(self, bits: int, group_size: int):
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+
+    def _stored(self, x: mx.array) -> QuantizedTensor:
+        return QuantizedTensor(*mx.quantize(x, self.group_size, self.bits))
 
 
 class RotatingKVCache:
@@ -248,19 +283,38 @@ class RotatingKVCache:
         self._set_in_order(keys, values)
 
 
-def make_cache(config: TextConfig, max_kv_size: Optional[int] = None) -> List:
+KV_BITS = (2, 3, 4, 5, 6, 8)
+KV_GROUP_SIZES = (32, 64, 128)
+
+
+def make_cache(config: TextConfig, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+               kv_group_size: int = 64) -> List:
     """One cache per layer that owns K/V (the first `first_kv_shared_layer` layers).
 
     `max_kv_size` bounds the global layers too: they then keep only the last
     `max_kv_size` tokens (less memory, and the model forgets older context).
+    `kv_bits` quantizes the global layers' caches instead (less memory, all
+    the context kept; see `QuantizedKVCache`).
     """
+    owners = range(config.first_kv_shared_layer)
+    if kv_bits is not None:
+        if kv_bits not in KV_BITS or kv_group_size not in KV_GROUP_SIZES:
+            raise ValueError(f"KV cache quantization takes bits in {KV_BITS} and a group size in {KV_GROUP_SIZES}, "
+                             f"not {kv_bits} and {kv_group_size}")
+        if max_kv_size is not None:
+            raise ValueError("kv_bits and max_kv_size both shrink the global layers' caches (one by quantizing, "
+                             "one by forgetting old tokens); use one of them")
+        for width in {config.layer_head_dim(i) for i in owners if not config.is_sliding(i)}:
+            if width % kv_group_size:
+                raise ValueError(f"a KV group size of {kv_group_size} does not divide the global layers' head dim "
+                                 f"{width}; pick one that does")
+
     def global_cache():
+        if kv_bits is not None:
+            return QuantizedKVCache(kv_bits, kv_group_size)
         return KVCache() if max_kv_size is None else RotatingKVCache(max_kv_size)
 
-    return [
-        RotatingKVCache(config.sliding_window) if config.is_sliding(i) else global_cache()
-        for i in range(config.first_kv_shared_layer)
-    ]
+    return [RotatingKVCache(config.sliding_window) if config.is_sliding(i) else global_cache() for i in owners]
 
 
 def prefill(model, prompt: mx.array, cache: List, step_size: int, multimodal_inputs: Optional[dict]) -> None:
@@ -338,11 +392,15 @@ def save_prompt_cache(path: str, cache: List, tokens: List[int]) -> None:
     (written to a temporary name, then renamed)."""
     arrays, layout = {}, []
     for i, c in enumerate(cache):
-        state = c.state
-        if state:
-            arrays[f"{i}.keys"], arrays[f"{i}.values"] = state
-        window = c.window if isinstance(c, RotatingKVCache) else None
-        layout.append({"window": window, "offset": c.offset})
+        for name, x in zip(("keys", "values"), c.state):
+            if isinstance(x, QuantizedTensor):
+                arrays.update({f"{i}.{name}.{field}": a for field, a in zip(x._fields, x)})
+            else:
+                arrays[f"{i}.{name}"] = x
+        entry = {"window": c.window if isinstance(c, RotatingKVCache) else None, "offset": c.offset}
+        if isinstance(c, QuantizedKVCache):
+            entry.update(bits=c.bits, group_size=c.group_size)
+        layout.append(entry)
     metadata = {"layout": json.dumps(layout), "tokens": json.dumps(list(tokens))}
     tmp = Path(str(path) + ".tmp.safetensors")
     mx.save_safetensors(str(tmp), arrays, metadata=metadata)
@@ -358,8 +416,14 @@ def load_prompt_cache(path: str) -> Tuple[List, List[int]]:
         raise ValueError(f"{path}: not a prompt cache saved by mlx_gemma4 ({e})") from None
     cache = []
     for i, entry in enumerate(layout):
-        c = KVCache() if entry["window"] is None else RotatingKVCache(entry["window"])
-        if f"{i}.keys" in arrays:
+        if entry["window"] is not None:
+            c = RotatingKVCache(entry["window"])
+        else:
+            c = QuantizedKVCache(entry["bits"], entry["group_size"]) if "bits" in entry else KVCache()
+        if isinstance(c, QuantizedKVCache) and f"{i}.keys.packed" in arrays:
+            c.load_state(*(QuantizedTensor(*(arrays[f"{i}.{name}.{field}"] for field in QuantizedTensor._fields))
+                           for name in ("keys", "values")))
+        elif f"{i}.keys" in arrays:
             if entry["window"] is None:
                 c.load_state(arrays[f"{i}.keys"], arrays[f"{i}.values"])
             else:

@@ -41,13 +41,17 @@ class ChatSession:
     `send(...)` streams the model's reply to a new user message (or tool
     responses) and records it in `messages`. `prefilled_tokens` counts the
     tokens fed for the last turn's prompt, so re-prefills are visible.
+    `max_kv_size`, `kv_bits` and `kv_group_size` are `model.make_cache`'s,
+    for every cache the session makes (`load` takes the file's caches as saved).
     """
 
     def __init__(self, model, processor, *, system: Optional[str] = None, tools=None,
-                 enable_thinking: bool = False, max_kv_size: Optional[int] = None, image_token_budget=None):
+                 enable_thinking: bool = False, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                 kv_group_size: int = 64, image_token_budget=None):
         self.model, self.processor = model, processor
         self.tools = tool_schemas(tools) if tools else None
-        self.enable_thinking, self.max_kv_size = enable_thinking, max_kv_size
+        self.enable_thinking = enable_thinking
+        self.cache_options = {"max_kv_size": max_kv_size, "kv_bits": kv_bits, "kv_group_size": kv_group_size}
         self.system = system
         self.media_options = {"image_token_budget": image_token_budget} if image_token_budget else {}
         self.reset()
@@ -57,7 +61,7 @@ class ChatSession:
         self.messages: List[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.images: list = []  # every image and audio clip of the conversation, in order
         self.audio: list = []
-        self.cache = self.model.make_cache(self.max_kv_size)
+        self.cache = self.model.make_cache(**self.cache_options)
         self.tokens: List[int] = []  # what the cache holds
         self._checkpoint = None  # (position, per-cache checkpoints)
         self.prefilled_tokens = 0
@@ -97,7 +101,7 @@ class ChatSession:
             return common
         if self._checkpoint and self._checkpoint[0] <= common:
             return self._restore_checkpoint()
-        self.cache, self.tokens = self.model.make_cache(self.max_kv_size), []
+        self.cache, self.tokens = self.model.make_cache(**self.cache_options), []
         return 0
 
     def _restore_checkpoint(self) -> int:
@@ -238,7 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_arguments(args)
         model, processor, drafter = load_models(args)
         session = ChatSession(model, processor, system=args.system, tools=read_tools(args.tools),
-                              enable_thinking=args.thinking, max_kv_size=args.max_kv_size,
+                              enable_thinking=args.thinking, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                              kv_group_size=args.kv_group_size,
                               image_token_budget=args.image_budget)
         if args.prompt_cache:
             session.load(args.prompt_cache)

@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from . import precision
 from .audio_features import prepare_audio, split_at_silence
+from .cache import KV_BITS, KV_GROUP_SIZES
 from .drafter import load_drafter
 from .generate import stream_generate, stop_token_ids
 from .image_processing import SUPPORTED_BUDGETS
@@ -38,6 +39,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-kv-size", type=int, default=None,
                    help="bound the global layers' cache too (older tokens are forgotten)")
+    p.add_argument("--kv-bits", type=int, choices=KV_BITS, default=None,
+                   help="quantize the global layers' cache to this many bits (less memory, all the context kept)")
+    p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
+                   help="values per scale and bias in the quantized cache (default 64)")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
                    help="let the model think before answering")
     p.add_argument("--show-thinking", action=argparse.BooleanOptionalAction, default=True,
@@ -166,6 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_arguments(args)
         tools = read_tools(args.tools)
         model, processor, drafter = load_models(args)
+        cache = model.make_cache(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
+                                 kv_group_size=args.kv_group_size)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -190,7 +197,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         for last in stream_generate(
             model, processor, prompt, max_tokens=args.max_tokens, sampler=sampler, logits_processors=processors,
-            stop_tokens=stop_token_ids(model, processor), cache=model.make_cache(max_kv_size=args.max_kv_size),
+            stop_tokens=stop_token_ids(model, processor), cache=cache,
             tools=tools, enable_thinking=args.thinking, images=args.image, audio=audio,
             videos=[args.video] if args.video else None, image_token_budget=args.image_budget,
             draft_model=drafter, draft_tokens=args.draft_tokens,

@@ -183,10 +183,12 @@ class Model(nn.Module):
         is_placeholder = (input_ids[..., None] == mx.array(placeholders)).any(axis=-1)
         return mx.where(is_placeholder, self.config.text_config.pad_token_id, input_ids)
 
-    def make_cache(self, max_kv_size: Optional[int] = None) -> List:
+    def make_cache(self, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                   kv_group_size: int = 64) -> List:
         """Fresh KV caches for one sequence: rotating for sliding layers, growing
-        for global ones (rotating too when `max_kv_size` is given)."""
-        return self.language_model.make_cache(max_kv_size)
+        for global ones (rotating too when `max_kv_size` is given, quantized to
+        `kv_bits` in groups of `kv_group_size` when `kv_bits` is)."""
+        return self.language_model.make_cache(max_kv_size, kv_bits, kv_group_size)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Map HF (`model.language_model.…`), bare-text and MLX-converted key names

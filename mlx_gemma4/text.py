@@ -143,5 +143,6 @@ class LanguageModel(nn.Module):
             logits = softcap(logits, mx.array(cap, dtype=logits.dtype))
         return (logits, h) if return_hidden else logits
 
-    def make_cache(self, max_kv_size: Optional[int] = None) -> List:
-        return make_cache(self.config, max_kv_size)
+    def make_cache(self, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
+                   kv_group_size: int = 64) -> List:
+        return make_cache(self.config, max_kv_size, kv_bits, kv_group_size)

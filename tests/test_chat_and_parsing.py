@@ -141,15 +141,17 @@ def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(loaded, thinking):
     assert length > 3 * 16  # the conversation runs well past the sliding window
 
 
-def test_prompt_cache_save_and_load(loaded, tmp_path):
+@pytest.mark.parametrize("cache_options", [{}, {"kv_bits": 4, "kv_group_size": 32}])
+def test_prompt_cache_save_and_load(loaded, tmp_path, cache_options):
     model, processor = loaded
-    session = ChatSession(model, processor)
+    session = ChatSession(model, processor, **cache_options)
     chat_turn(session, "tell me about the sea")
     session.save(str(tmp_path / "cache.safetensors"))
     expected, _ = chat_turn(session, "and the river")
 
-    restored = ChatSession(model, processor)
+    restored = ChatSession(model, processor, **cache_options)
     restored.load(str(tmp_path / "cache.safetensors"))
+    assert [type(c) for c in restored.cache] == [type(c) for c in session.cache]
     restored.messages = session.messages[:2]
     got, _ = chat_turn(restored, "and the river")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

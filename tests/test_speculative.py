@@ -161,14 +161,14 @@ def test_the_drafter_reads_window_plus_one_sliding_positions_after_a_rejected_ro
             np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-5, atol=1e-5)
 
 
-def _plain(model, prompt, n, sampler=None):
-    cache = model.make_cache()
+def _plain(model, prompt, n, sampler=None, **cache_options):
+    cache = model.make_cache(**cache_options)
     out = list(itertools.islice(generate_tokens(model, mx.array(prompt), cache=cache, sampler=sampler), n))
     return [t for t, _ in out], [np.array(p) for _, p in out], cache
 
 
-def _speculative(model, drafter, prompt, n, sampler=None, draft_tokens=3):
-    cache, stats = model.make_cache(), {}
+def _speculative(model, drafter, prompt, n, sampler=None, draft_tokens=3, **cache_options):
+    cache, stats = model.make_cache(**cache_options), {}
     stream = speculative.speculative_tokens(model, drafter, mx.array(prompt), cache=cache, sampler=sampler,
                                             draft_tokens=draft_tokens, stats=stats)
     out = list(itertools.islice(stream, n))
@@ -213,6 +213,19 @@ def test_speculative_stream_is_the_plain_stream(pair, variant, ordered, monkeypa
     _assert_same_stream(expected, got)
     stats = got[3]
     assert 0 < stats["accepted"] < stats["drafted"]
+
+
+@pytest.mark.parametrize("variant,ordered", [("e2b", True), ("31b", False)])
+def test_speculative_stream_over_a_quantized_cache_is_the_plain_stream(pair, variant, ordered, monkeypatch):
+    """With `kv_bits`, the drafter and the verifying passes read the global layers' packed keys and values."""
+    model, drafter, _, _ = pair(variant, ordered)
+    options = {"kv_bits": 4, "kv_group_size": 32}
+    expected = _plain(model, PROMPT, 20, **options)
+    _assert_same_stream(expected, _speculative(model, drafter, PROMPT, 20, **options))
+    monkeypatch.setattr(speculative, "propose", _oracle(expected[0], len(PROMPT), model.config.text_config.vocab_size))
+    got = _speculative(model, drafter, PROMPT, 20, **options)
+    _assert_same_stream(expected, got)
+    assert 0 < got[3]["accepted"] < got[3]["drafted"]
 
 
 @pytest.mark.parametrize("variant,ordered", [("e2b", True), ("26b", False)])
