@@ -40,6 +40,7 @@ from checkpoints import GB, GEOMETRIES, ROOT, cached_build, ensure_checkpoint, l
 
 from convert import convert  # noqa: E402
 from mlx_gemma4 import precision  # noqa: E402
+from mlx_gemma4.cache import KV_BITS  # noqa: E402
 from mlx_gemma4.config import ModelConfig, TextConfig  # noqa: E402
 from mlx_gemma4.generate import generate_tokens  # noqa: E402
 from mlx_gemma4.loader import load_model, read_config  # noqa: E402
@@ -121,8 +122,9 @@ class Result:
     ceiling_share: float = 0.0  # decode rate / (bandwidth / bytes read per token)
     run_peak_gb: float = 0.0
     tokens: List[int] = field(default_factory=list)  # greedy continuation of the longest prompt
-    # tokens cached -> our decode tok/s over a synthetic cache (`--long-context`)
-    long_context: Dict[int, float] = field(default_factory=dict)
+    # Our decode over synthetic caches (`--long-context`, `--kv-bits`): one
+    # {"context", "kv_bits" (None: float), "tok_s", "kv_cache_gb"} per run.
+    long_context: List[dict] = field(default_factory=list)
 
 
 def weight_bytes_per_token(model, text: TextConfig) -> int:
@@ -190,11 +192,13 @@ def timed_generation(runtime: Runtime, model, prompt: mx.array, n: int, chunk: i
     return ttft, decode_s, tokens
 
 
-def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int) -> float:
-    """Our decode rate with `context` tokens already cached. The caches are
-    filled with random keys and values (a real prefill of 8K tokens takes
-    hours on this CPU); a decode step reads them exactly as after a prompt."""
-    cache = model.make_cache()
+def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int,
+                        kv_bits: Optional[int] = None) -> dict:
+    """Our decode rate with `context` tokens already cached, and the caches'
+    size. The caches are filled with random keys and values (a real prefill of
+    8K tokens takes hours on this CPU); a decode step reads them exactly as
+    after a prompt. `kv_bits` quantizes the global layers' caches."""
+    cache = model.make_cache(kv_bits=kv_bits)
     key = mx.random.key(seed)
     for layer, c in enumerate(cache):  # one cache per K/V-owning layer, in layer order
         shape = (1, text.layer_kv_heads(layer), 0, text.layer_head_dim(layer))
@@ -211,7 +215,7 @@ def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int
         pass
     rate = n / (time.perf_counter() - start)
     mx.synchronize()
-    return rate
+    return {"context": context, "kv_bits": kv_bits, "tok_s": rate, "kv_cache_gb": sum(c.nbytes for c in cache) / GB}
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -275,8 +279,11 @@ def benchmark(runtime: Runtime, folder: Path, geometry: str, text: TextConfig, a
     # Long contexts are compared with the same synthetic-cache measurement at the prompt's length.
     contexts = [longest, *args.long_context] if args.long_context and runtime.name == "mlx_gemma4" else []
     for context in contexts:
-        result.long_context[context] = long_context_decode(model, text, context, args.decode_tokens, args.seed)
-        log(f"  decode at {context} tokens of context: {result.long_context[context]:.2f} tok/s")
+        for kv_bits in [None] + (args.kv_bits if context != longest else []):
+            run = long_context_decode(model, text, context, args.decode_tokens, args.seed, kv_bits)
+            result.long_context.append(run)
+            log(f"  decode at {context} tokens of context, {f'{kv_bits}-bit' if kv_bits else 'float'} global caches: "
+                f"{run['tok_s']:.2f} tok/s, caches {run['kv_cache_gb']:.3f} GB")
     del model
     return result
 
@@ -310,11 +317,19 @@ def comparison_table(results: Sequence[Result]) -> str:
         if b:
             same = sum(x == y for x, y in zip(a.tokens, b.tokens))
             rows.append([label, "greedy tokens equal", f"{same}/{len(a.tokens)}", "", ""])
-        short = a.long_context.get(a.decode_context)
-        for context, rate in a.long_context.items():
-            if context != a.decode_context:
-                rows.append([label, f"our decode tok/s, {context} vs {a.decode_context} tokens cached",
-                             f"{rate:.2f} vs {short:.2f}", "", f"{rate / short:.2f}×"])
+        runs = {(run["context"], run["kv_bits"]): run for run in a.long_context}
+        for (context, kv_bits), run in runs.items():
+            if context == a.decode_context:
+                continue
+            # Float caches against a short context; quantized ones against float caches of the same length.
+            base = runs[(a.decode_context, None) if kv_bits is None else (context, None)]
+            what = f"{context} vs {a.decode_context} tokens cached" if kv_bits is None else \
+                f"{context} cached, {kv_bits}-bit vs float global caches"
+            rows.append([label, f"our decode tok/s, {what}", f"{run['tok_s']:.2f} vs {base['tok_s']:.2f}", "",
+                         f"{run['tok_s'] / base['tok_s']:.2f}×"])
+            if kv_bits is not None:
+                rows.append([label, f"our KV caches GB, {what}", f"{run['kv_cache_gb']:.3f} vs "
+                             f"{base['kv_cache_gb']:.3f}", "", f"{run['kv_cache_gb'] / base['kv_cache_gb']:.2f}×"])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -338,6 +353,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--long", action="store_true", help="also a 512-token prompt")
     parser.add_argument("--long-context", type=int, nargs="*", default=[],
                         help="also our decode rate with this many tokens cached (e.g. 8192)")
+    parser.add_argument("--kv-bits", type=int, nargs="*", default=[], choices=KV_BITS,
+                        help="with --long-context: also our decode with the global layers' caches at these bits")
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--skip-mlx-vlm", action="store_true", help="time mlx_gemma4 only")
     parser.add_argument("--quick", action="store_true",
@@ -356,6 +373,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.prompt_lengths.append(512)
     if min(args.prompt_lengths) < 1 or args.decode_tokens < 1 or args.prefill_chunk < 1:
         parser.error("prompt lengths, --decode-tokens and --prefill-chunk must be >= 1")
+    if args.kv_bits and not args.long_context:
+        parser.error("--kv-bits times decoding over long caches: give --long-context too")
     return args
 
 
