@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from itertools import islice
 
 import mlx.core as mx
 import pytest
@@ -42,6 +43,35 @@ def test_greedy_stream_matches_transformers_generate(tiny_checkpoint, hf_model, 
     for c in chunks:
         joined[c.channel] = joined.get(c.channel, "") + c.text
     assert {k: v for k, v in joined.items() if v} == {k: "".join(t for ch, t in whole if ch == k) for k, _ in whole}
+
+
+def test_long_prompts_prefill_in_chunks_whose_scores_fit_the_budget(tiny_checkpoint, hf_model, monkeypatch):
+    """Chunks shrink as the cache grows so that each one's float32 scores over every key stay within
+    `SCORE_BUDGET`; the tokens are still transformers'."""
+    from mlx_gemma4 import cache as cache_module
+
+    path = tiny_checkpoint("31b")
+    model, processor = load(path)
+    ids = processor.encode(processor.apply_chat_template([{"role": "user", "content": "tell me a story about "
+                                                           "the sea and the river and the sky, in many words"}]))
+    heads = model.config.text_config.num_attention_heads
+    budget = 4 * heads * 12 * 24  # 12 queries over 24 keys
+    monkeypatch.setattr(cache_module, "SCORE_BUDGET", budget)
+    chunks = []
+    call = type(model).__call__
+    monkeypatch.setattr(type(model), "__call__", lambda self, x, *a, **k: chunks.append(x.shape[1]) or call(
+        self, x, *a, **k))
+    tokens = [t for t, _ in islice(generate_tokens(model, mx.array(ids), prefill_step_size=16), 8)]
+    prefill_chunks = chunks[:-9]  # then the last prompt token and 8 steps
+    assert sum(prefill_chunks) == len(ids) - 1 and prefill_chunks[0] == 16 and len(set(prefill_chunks)) > 2
+    cached = 0
+    for size in prefill_chunks:
+        assert 4 * heads * size * (cached + size) <= budget or size == 1
+        cached += size
+    with torch.no_grad():
+        ref = hf_model(path).generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    assert tokens == ref
 
 
 def test_generation_stops_at_eos_without_emitting_it(tiny_checkpoint):
