@@ -192,12 +192,14 @@ def timed_generation(runtime: Runtime, model, prompt: mx.array, n: int, chunk: i
     return ttft, decode_s, tokens
 
 
-def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int,
+def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int, follow_up: int,
                         kv_bits: Optional[int] = None) -> dict:
-    """Our decode rate with `context` tokens already cached, and the caches'
-    size. The caches are filled with random keys and values (a real prefill of
-    8K tokens takes hours on this CPU); a decode step reads them exactly as
-    after a prompt. `kv_bits` quantizes the global layers' caches."""
+    """With `context` tokens already cached: the time to the first token of a
+    `follow_up`-token prompt (one prefill chunk) and the memory it takes above
+    the weights and caches, then the decode rate; and the caches' size. The
+    caches are filled with random keys and values (a real prefill of 8K tokens
+    takes hours on this CPU); a step reads them exactly as after a prompt.
+    `kv_bits` quantizes the global layers' caches."""
     cache = model.make_cache(kv_bits=kv_bits)
     key = mx.random.key(seed)
     for layer, c in enumerate(cache):  # one cache per K/V-owning layer, in layer order
@@ -208,14 +210,20 @@ def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int
             kv = [mx.random.normal((*shape[:2], size, shape[3]), key=k) for k in (k1, k2)]
             c.update_and_fetch(*kv)
             mx.eval(c.state)
-    steps = generate_tokens(model, mx.array([1], dtype=mx.int32), cache=cache)
+    held = mx.get_active_memory()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    steps = generate_tokens(model, random_prompt(follow_up + 1, text.vocab_size, seed), cache=cache,
+                            prefill_step_size=follow_up)
     next(steps)
+    follow_up_s, follow_up_gb = time.perf_counter() - start, (mx.get_peak_memory() - held) / GB
     start = time.perf_counter()
     for _ in islice(steps, n):
         pass
     rate = n / (time.perf_counter() - start)
     mx.synchronize()
-    return {"context": context, "kv_bits": kv_bits, "tok_s": rate, "kv_cache_gb": sum(c.nbytes for c in cache) / GB}
+    return {"context": context, "kv_bits": kv_bits, "tok_s": rate, "kv_cache_gb": sum(c.nbytes for c in cache) / GB,
+            "follow_up_tokens": follow_up, "follow_up_s": follow_up_s, "follow_up_peak_gb": follow_up_gb}
 
 
 def warm_page_cache(folder: Path) -> None:
@@ -280,10 +288,12 @@ def benchmark(runtime: Runtime, folder: Path, geometry: str, text: TextConfig, a
     contexts = [longest, *args.long_context] if args.long_context and runtime.name == "mlx_gemma4" else []
     for context in contexts:
         for kv_bits in [None] + (args.kv_bits if context != longest else []):
-            run = long_context_decode(model, text, context, args.decode_tokens, args.seed, kv_bits)
+            run = long_context_decode(model, text, context, args.decode_tokens, args.seed, args.prefill_chunk,
+                                      kv_bits)
             result.long_context.append(run)
-            log(f"  decode at {context} tokens of context, {f'{kv_bits}-bit' if kv_bits else 'float'} global caches: "
-                f"{run['tok_s']:.2f} tok/s, caches {run['kv_cache_gb']:.3f} GB")
+            log(f"  {context} tokens of context, {f'{kv_bits}-bit' if kv_bits else 'float'} global caches "
+                f"({run['kv_cache_gb']:.3f} GB): {args.prefill_chunk} more tokens in {run['follow_up_s']:.1f} s, "
+                f"peak {run['follow_up_peak_gb']:.3f} GB above weights and caches; decode {run['tok_s']:.2f} tok/s")
     del model
     return result
 
@@ -330,6 +340,10 @@ def comparison_table(results: Sequence[Result]) -> str:
             if kv_bits is not None:
                 rows.append([label, f"our KV caches GB, {what}", f"{run['kv_cache_gb']:.3f} vs "
                              f"{base['kv_cache_gb']:.3f}", "", f"{run['kv_cache_gb'] / base['kv_cache_gb']:.2f}×"])
+            caches = f"{kv_bits}-bit" if kv_bits else "float"
+            rows.append([label, f"our {run['follow_up_tokens']}-token follow-up at {context} cached ({caches} global "
+                         "caches): s, peak GB above weights and caches",
+                         f"{run['follow_up_s']:.1f} s, {run['follow_up_peak_gb']:.3f} GB", "", ""])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
