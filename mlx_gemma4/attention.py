@@ -142,12 +142,12 @@ def attend(q: mx.array, k: Keys, v: Keys, mask: Mask) -> mx.array:
     long cache, prefill chunks, image patches. Measured (2 cores, 10-layer E2B
     / 4-layer 26B-A4B, 4-bit), decode with 8K tokens cached runs at 0.93x /
     0.91x of a short-context decode, 0.87x / 0.86x with single-threaded attention."""
-    large = q.shape[2] * _layout(k).shape[2] >= SPLIT_ATTENTION_MIN_SCORES
+    large = q.shape[2] * kv_shape(k)[2] >= SPLIT_ATTENTION_MIN_SCORES
     # Our masks are shared by all heads (None, "causal", [T, S], [B, 1, T, S]); a per-head one is not split.
     per_head_mask = isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] > 1
     # The backend first: a GPU never makes the CPU streams.
     lanes = streams.cpu_streams()[:q.shape[1]] if large and not per_head_mask and precision.cpu_backend() else (None,)
-    parts, kv_heads = len(lanes), _layout(k).shape[1]
+    parts, kv_heads = len(lanes), kv_shape(k)[1]
     if parts == 1 or (kv_heads > 1 and kv_heads % parts):
         return _attention(q, k, v, mask)
     # Contiguous groups of query heads with the key/value heads they read.
@@ -159,9 +159,9 @@ def attend(q: mx.array, k: Keys, v: Keys, mask: Mask) -> mx.array:
     ], axis=1)
 
 
-def _layout(x: Keys) -> mx.array:
-    """An array with `x`'s [B, heads, positions, ...] leading axes."""
-    return x.packed if isinstance(x, QuantizedTensor) else x
+def kv_shape(x: Keys) -> Tuple[int, int, int]:
+    """`(B, heads, positions)` of keys or values, float or packed."""
+    return (x.packed if isinstance(x, QuantizedTensor) else x).shape[:3]
 
 
 def _head_groups(x: Keys, parts: int) -> list:

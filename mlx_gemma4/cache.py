@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
-from .attention import Keys, Mask, QuantizedTensor
+from .attention import Keys, Mask, QuantizedTensor, kv_shape
 from .config import SLIDING, TextConfig
 
 
@@ -39,10 +39,11 @@ def _parts(x: Keys) -> Tuple[mx.array, ...]:
     return tuple(x) if isinstance(x, QuantizedTensor) else (x,)
 
 
-def _like(x: Keys, parts) -> Keys:
-    """`parts` (a sequence of arrays) in the form of `x`."""
-    parts = tuple(parts)
-    return QuantizedTensor(*parts) if isinstance(x, QuantizedTensor) else parts[0]
+def _each(f, x: Keys, *others: Keys) -> Keys:
+    """`f` applied to each array of `x` (with the matching arrays of `others`), in the form of `x`."""
+    if isinstance(x, QuantizedTensor):
+        return QuantizedTensor(*(f(*arrays) for arrays in zip(x, *others)))
+    return f(x, *others)
 
 
 class KVCache:
@@ -62,17 +63,14 @@ class KVCache:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[Keys, Keys]:
         n, end = keys.shape[2], self.offset + keys.shape[2]
         keys, values = self._stored(keys), self._stored(values)
-        if self.keys is None or end > _parts(self.keys)[0].shape[2]:
+        if self.keys is None or end > kv_shape(self.keys)[2]:
             grow = ((n + self.step - 1) // self.step) * self.step
-            room = [_like(x, (mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype) for a in _parts(x)))
-                    for x in (keys, values)]
+            room = [_each(lambda a: mx.zeros((*a.shape[:2], grow, a.shape[3]), a.dtype), x) for x in (keys, values)]
             if self.keys is None:
                 self.keys, self.values = room
             else:
-                self.keys, self.values = (
-                    _like(old, (mx.concatenate([a[..., : self.offset, :], b], axis=2)
-                                for a, b in zip(_parts(old), _parts(new))))
-                    for old, new in zip((self.keys, self.values), room))
+                self.keys, self.values = (_each(lambda a, b: mx.concatenate([a, b], axis=2), old, new)
+                                          for old, new in zip(self._first(self.offset), room))
         for buffer, new in zip((self.keys, self.values), (keys, values)):
             for a, b in zip(_parts(buffer), _parts(new)):
                 a[..., self.offset:end, :] = b
@@ -80,7 +78,7 @@ class KVCache:
         return self._first(end)
 
     def _first(self, n: int) -> Tuple[Keys, Keys]:
-        return tuple(_like(x, (a[..., :n, :] for a in _parts(x))) for x in (self.keys, self.values))
+        return tuple(_each(lambda a: a[..., :n, :], x) for x in (self.keys, self.values))
 
     def make_mask(self, queries: int) -> Mask:
         # "causal" is aligned to the last key, so it holds with a non-empty cache too.
@@ -106,7 +104,7 @@ class KVCache:
         self.offset -= n
 
     def load_state(self, keys: Keys, values: Keys) -> None:
-        self.keys, self.values, self.offset = keys, values, _parts(keys)[0].shape[2]
+        self.keys, self.values, self.offset = keys, values, kv_shape(keys)[2]
 
 
 class QuantizedKVCache(KVCache):
@@ -438,19 +436,21 @@ def load_prompt_cache(path: str) -> Tuple[List, List[int]]:
         layout, tokens = json.loads(metadata["layout"]), json.loads(metadata["tokens"])
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ValueError(f"{path}: not a prompt cache saved by mlx_gemma4 ({e})") from None
+    def stored(name: str) -> Optional[Keys]:  # as `save_prompt_cache` wrote it, None for an empty cache
+        if f"{name}.packed" in arrays:
+            return QuantizedTensor(*(arrays[f"{name}.{field}"] for field in QuantizedTensor._fields))
+        return arrays.get(name)
+
     cache = []
     for i, entry in enumerate(layout):
         if entry["window"] is not None:
             c = RotatingKVCache(entry["window"])
         else:
             c = QuantizedKVCache(entry["bits"], entry["group_size"]) if "bits" in entry else KVCache()
-        if isinstance(c, QuantizedKVCache) and f"{i}.keys.packed" in arrays:
-            c.load_state(*(QuantizedTensor(*(arrays[f"{i}.{name}.{field}"] for field in QuantizedTensor._fields))
-                           for name in ("keys", "values")))
-        elif f"{i}.keys" in arrays:
-            if entry["window"] is None:
-                c.load_state(arrays[f"{i}.keys"], arrays[f"{i}.values"])
-            else:
-                c.load_state(arrays[f"{i}.keys"], arrays[f"{i}.values"], entry["offset"])
+        keys, values = stored(f"{i}.keys"), stored(f"{i}.values")
+        if keys is not None and entry["window"] is None:
+            c.load_state(keys, values)
+        elif keys is not None:
+            c.load_state(keys, values, entry["offset"])
         cache.append(c)
     return cache, tokens
