@@ -14,7 +14,6 @@ sliding layers) extends without knowing the cache layout.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -314,41 +313,6 @@ def make_cache(config: TextConfig, max_kv_size: Optional[int] = None, kv_bits: O
         return KVCache() if max_kv_size is None else RotatingKVCache(max_kv_size)
 
     return [RotatingKVCache(config.sliding_window) if config.is_sliding(i) else global_cache() for i in owners]
-
-
-# Bytes a text prompt chunk's attention scores may take (see `prefill`).
-SCORE_BUDGET = 512 << 20
-
-
-def chunk_within_budget(heads: int, cached: int, step_size: int) -> int:
-    """The longest chunk, at most `step_size` tokens, whose float32 scores over
-    `cached` earlier tokens and itself take at most `SCORE_BUDGET` bytes."""
-    pairs = SCORE_BUDGET // (4 * heads)  # query-key pairs per head
-    longest = (math.isqrt(cached * cached + 4 * pairs) - cached) // 2  # n * (cached + n) <= pairs
-    return max(1, min(step_size, longest))
-
-
-def prefill(model, prompt: mx.array, cache: List, step_size: int, multimodal_inputs: Optional[dict]) -> None:
-    """Feed all but the last token of `prompt` into `cache`, in chunks of
-    `step_size` (a prompt with images or audio in one call, so every image
-    block is seen whole). Evaluating just the cache states skips the LM head and
-    the KV-shared layers.
-
-    Text chunks shrink as the cache grows, so that a chunk's attention scores on
-    a global layer stay within `SCORE_BUDGET`: MLX materialises them (on the
-    CPU always, on Metal for head dim 512, which has no fused kernel for more
-    than 8 queries), and for 31B with 128 K tokens cached a 512-token chunk's
-    would take 8.6 GB per layer (float32). Splitting inside the attention
-    instead would need a sync per block there, which computes the layers whose
-    output prefill otherwise never evaluates (the KV-shared ones)."""
-    context = prompt[:-1]
-    heads = model.config.text_config.num_attention_heads
-    start = 0
-    while start < context.size:
-        size = context.size if multimodal_inputs else chunk_within_budget(heads, cache_offset(cache), step_size)
-        model(context[None, start:start + size], cache, **(multimodal_inputs or {}))
-        mx.eval([c.state for c in cache])
-        start += size
 
 
 def cache_offset(cache: Optional[List]) -> int:

@@ -22,6 +22,7 @@ from .cache import load_prompt_cache, save_prompt_cache
 from .cli import add_model_arguments, check_arguments, load_models, print_piece, print_stats, read_tools, sampling_setup
 from .generate import Response, stream_generate
 from .loader import CheckpointError
+from .prefill import PREFILL_STEP_SIZE, feed
 from .response import GenerationResult
 from .tools import tool_schemas
 
@@ -112,14 +113,10 @@ class ChatSession:
         return position
 
     def _feed(self, ids: List[int], media: dict) -> None:
-        """Feed `ids` after what the cache holds; a range with images or audio goes
-        in one call, so each image block is seen whole."""
-        start, end = len(self.tokens), len(ids)
-        extra = self._media_between(ids, media, start, end)
-        step = end - start if extra else 512
-        for a in range(start, end, step):
-            self.model(mx.array([ids[a:a + step]]), self.cache, **extra)
-            mx.eval([c.state for c in self.cache])
+        """Feed `ids` after what the cache holds (in chunks that keep each image block whole)."""
+        start = len(self.tokens)
+        feed(self.model, mx.array(ids[start:]), self.cache, PREFILL_STEP_SIZE,
+             self._media_between(ids, media, start, len(ids)))
         self.tokens = list(ids)
 
     def send(self, content=None, *, images: Optional[list] = None, audio: Optional[list] = None,

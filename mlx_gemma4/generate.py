@@ -17,7 +17,7 @@ import mlx.core as mx
 from tokenizers.decoders import DecodeStream
 
 from . import streams
-from .cache import prefill
+from .prefill import PREFILL_STEP_SIZE, prefill
 from .response import ANSWER, ChannelParser, GenerationResult, starts_inside_thought
 from .sampling import log_probabilities, make_sampler
 from .speculative import speculative_tokens
@@ -53,15 +53,15 @@ def generate_tokens(
     cache: Optional[list] = None,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     logits_processors: Sequence[Callable] = (),
-    prefill_step_size: int = 512,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
     multimodal_inputs: Optional[Dict[str, mx.array]] = None,
 ) -> Iterator[tuple]:
     """Yield `(token_id, logprobs)` forever after prefilling `prompt` (1-D ids).
 
-    Text prompts prefill in chunks of `prefill_step_size` through the cache.
-    A prompt with images or audio prefills in one call, so every image block
-    is seen whole by its bidirectional attention (the prompt must not end
-    inside a media block; chat templates end it with the generation prompt).
+    The prompt prefills in chunks of at most `prefill_step_size` tokens through
+    the cache (see `prefill.feed`: fewer over a long context, and never
+    cutting an image block; the prompt must not end inside one, chat templates
+    end it with the generation prompt).
     The next token is computed while the caller handles the current one.
     """
     streams.this_thread()  # a worker thread then cleans up its MLX state as it ends
@@ -126,7 +126,7 @@ def stream_generate(
     logits_processors: Sequence[Callable] = (),
     stop_tokens: Optional[set] = None,
     cache: Optional[list] = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
     tools=None,
     enable_thinking: bool = False,
     images=None,

@@ -49,27 +49,45 @@ class Model(nn.Module):
         input_ids: mx.array,
         cache: Optional[List] = None,
         *,
+        input_embeddings: Optional[mx.array] = None,
+        mm_token_type_ids: Optional[mx.array] = None,
+        return_hidden: bool = False,
+        **media: Optional[mx.array],
+    ):
+        """Logits for `input_ids` `[B, T]`, with the processor's image, video and
+        audio outputs (`media`, see `embed`) merged in at their placeholder
+        tokens, or with `input_embeddings` (`embed`'s output for these tokens)
+        instead. `mm_token_type_ids` (1 image, 2 video) marks the bidirectional
+        blocks; when omitted they are read off the placeholder ids. With
+        `return_hidden`, `(logits, final normed hidden states)` (what an MTP drafter reads)."""
+        blocks = self.vision_blocks(input_ids, mm_token_type_ids)
+        media = {k: v for k, v in media.items() if v is not None}
+        if media:
+            if input_embeddings is not None:
+                raise ValueError("give either input_embeddings or the media arrays they were made from, not both")
+            input_embeddings = self.embed(input_ids, **media)
+        return self.language_model(self.text_ids(input_ids), cache, input_embeddings, blocks, return_hidden)
+
+    def embed(
+        self,
+        input_ids: mx.array,
+        *,
         pixel_values: Optional[mx.array] = None,
         image_position_ids: Optional[mx.array] = None,
         pixel_values_videos: Optional[mx.array] = None,
         video_position_ids: Optional[mx.array] = None,
-        mm_token_type_ids: Optional[mx.array] = None,
         input_features: Optional[mx.array] = None,
         input_features_mask: Optional[mx.array] = None,
-        return_hidden: bool = False,
         **other_inputs,
-    ):
-        """Logits for `input_ids` `[B, T]`, with the processor's image / video
-        outputs merged in at their placeholder tokens. `mm_token_type_ids`
-        (1 image, 2 video) marks the bidirectional blocks; when omitted they are
-        read off the placeholder ids. With `return_hidden`, `(logits, final
-        normed hidden states)` (what an MTP drafter reads)."""
+    ) -> mx.array:
+        """The decoder's input embeddings `[B, T, hidden]` for `input_ids`: token
+        embeddings with the encoded images, video frames and audio clips put in
+        at their placeholders. A long prompt is embedded once and then fed in
+        pieces (see `prefill.feed`)."""
         given = sorted(k for k, v in other_inputs.items() if v is not None)
         if given:
             raise ValueError(f"unsupported model input(s) {', '.join(given)}")
-        blocks = self._vision_blocks(input_ids, mm_token_type_ids)
-        ids = self.text_ids(input_ids)
-        embeddings = None
+        embeddings = self.language_model.model.embed(self.text_ids(input_ids))
         media = (
             ("image", pixel_values, image_position_ids, self.config.image_token_id),
             ("video", pixel_values_videos, video_position_ids, self.config.video_token_id),
@@ -80,15 +98,11 @@ class Model(nn.Module):
             if positions is None:
                 raise ValueError(f"{kind} pixel values need their position ids ({kind}_position_ids)")
             features = self.encode_vision(pixels, positions, kind)
-            if embeddings is None:
-                embeddings = self.language_model.model.embed(ids)
             embeddings = merge_features(embeddings, input_ids, token_id, features, kind)
         if input_features is not None:
             features = self.encode_audio(input_features, input_features_mask)
-            if embeddings is None:
-                embeddings = self.language_model.model.embed(ids)
             embeddings = merge_features(embeddings, input_ids, self.config.audio_token_id, features, "audio")
-        return self.language_model(ids, cache, embeddings, blocks, return_hidden)
+        return embeddings
 
     def encode_vision(self, pixel_values: mx.array, position_ids: mx.array, kind: str = "image") -> mx.array:
         """Soft-token embeddings `[total_tokens, text_hidden]` of processed
@@ -149,8 +163,9 @@ class Model(nn.Module):
                 self.encoder_outputs.put(keys[i], tokens)
         return mx.concatenate([self.encoder_outputs.get(key) for key in keys], axis=0)
 
-    def _vision_blocks(self, input_ids: mx.array, token_types: Optional[mx.array]) -> Optional[mx.array]:
-        """Block ids for the bidirectional image overlay, when the checkpoint uses it."""
+    def vision_blocks(self, input_ids: mx.array, token_types: Optional[mx.array]) -> Optional[mx.array]:
+        """Block ids (`[B, T]`, -1 outside blocks) for the bidirectional image
+        overlay, when the checkpoint uses it and `input_ids` hold an image or video."""
         # One token is a generated one: nothing to overlay, and no host sync in the decode loop.
         if self.config.text_config.use_bidirectional_attention != "vision" or input_ids.shape[1] == 1:
             return None

@@ -23,9 +23,10 @@ import mlx.core as mx
 
 from . import streams
 from .attention import KV
-from .cache import RotatingKVCache, cache_offset, prefill
+from .cache import RotatingKVCache, cache_offset
 from .config import SLIDING
 from .drafter import Drafter
+from .prefill import PREFILL_STEP_SIZE, prefill
 from .sampling import log_probabilities, make_sampler
 
 
@@ -85,7 +86,7 @@ def speculative_tokens(
     cache: Optional[list] = None,
     sampler: Optional[Callable[[mx.array], mx.array]] = None,
     draft_tokens: Optional[int] = None,
-    prefill_step_size: int = 512,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
     multimodal_inputs: Optional[Dict[str, mx.array]] = None,
     stats: Optional[dict] = None,
 ) -> Iterator[tuple]:

@@ -12,6 +12,7 @@ import torch
 
 from mlx_gemma4.audio import AudioEncoder
 from mlx_gemma4.audio_features import AudioError
+from mlx_gemma4.generate import stream_generate
 from mlx_gemma4.loader import load, load_model, read_weights
 from mlx_gemma4.speech import transcribe, translate
 
@@ -123,6 +124,28 @@ def test_audio_prompt_logits_and_greedy_continuation_match_transformers(e2b):
         tokens.append(token.item())
         logits = model(token[None], cache)
     assert tokens == ref_tokens
+
+
+def test_audio_prompt_streams_in_chunks_and_matches_transformers(e2b):
+    """`stream_generate` with two clips, prefilled in 8-token chunks that cut through them: the first token's
+    log-probabilities and the greedy tokens are transformers'."""
+    _, model, processor, hf = e2b
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Same words?"},
+                                             {"type": "audio"}]}]
+    clips = [clip(12_000, 2), clip(9_000, 3)]
+    inputs = processor(processor.apply_chat_template(messages), audio=clips, return_tensors="np")
+    torch_inputs = dict(input_ids=torch.from_numpy(inputs["input_ids"]).long(),
+                        input_features=torch.from_numpy(inputs["input_features"]),
+                        input_features_mask=torch.from_numpy(inputs["input_features_mask"]))
+    with torch.no_grad():
+        first = torch.log_softmax(hf(**torch_inputs).logits[0, -1], dim=-1).numpy()
+        want = hf.generate(**torch_inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, inputs["input_ids"].shape[1]:].tolist()
+    responses = list(stream_generate(model, processor, messages, audio=clips, max_tokens=STEPS, stop_tokens=set(),
+                                     prefill_step_size=8, return_logprobs=True))
+    got = np.array(responses[0].logprobs)
+    assert np.abs(got - first).max() <= 1e-4 * np.abs(first).max()
+    assert [r.token for r in responses] == want
 
 
 def test_speech_recording_runs_through_the_whole_path(e2b):

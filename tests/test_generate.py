@@ -11,6 +11,7 @@ import torch
 
 from mlx_gemma4.generate import generate_tokens, stream_generate
 from mlx_gemma4.loader import load
+from mlx_gemma4.prefill import block_spans, chunk_end
 from mlx_gemma4.response import ChannelParser
 from mlx_gemma4.sampling import make_sampler
 from test_loading import BAD_INPUTS
@@ -48,7 +49,7 @@ def test_greedy_stream_matches_transformers_generate(tiny_checkpoint, hf_model, 
 def test_long_prompts_prefill_in_chunks_whose_scores_fit_the_budget(tiny_checkpoint, hf_model, monkeypatch):
     """Chunks shrink as the cache grows so that each one's float32 scores over every key stay within
     `SCORE_BUDGET`; the tokens are still transformers'."""
-    from mlx_gemma4 import cache as cache_module
+    from mlx_gemma4 import prefill as prefill_module
 
     path = tiny_checkpoint("31b")
     model, processor = load(path)
@@ -56,7 +57,7 @@ def test_long_prompts_prefill_in_chunks_whose_scores_fit_the_budget(tiny_checkpo
                                                            "the sea and the river and the sky, in many words"}]))
     heads = model.config.text_config.num_attention_heads
     budget = 4 * heads * 12 * 24  # 12 queries over 24 keys
-    monkeypatch.setattr(cache_module, "SCORE_BUDGET", budget)
+    monkeypatch.setattr(prefill_module, "SCORE_BUDGET", budget)
     chunks = []
     call = type(model).__call__
     monkeypatch.setattr(type(model), "__call__", lambda self, x, *a, **k: chunks.append(x.shape[1]) or call(
@@ -72,6 +73,20 @@ def test_long_prompts_prefill_in_chunks_whose_scores_fit_the_budget(tiny_checkpo
         ref = hf_model(path).generate(torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                       eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
     assert tokens == ref
+
+
+def test_chunks_end_outside_image_blocks():
+    """A chunk stops before a block it would cut, or takes a block it starts with whole."""
+    # Each block with its begin- and end-of-image tokens.
+    assert block_spans(mx.array([[-1, 0, 0, -1, -1, 1, 1, -1, -1]])) == [(0, 4), (4, 8)]
+    assert block_spans(None) == []
+    blocks = [(10, 30), (40, 45)]
+    assert chunk_end(0, 8, 100, blocks) == 8
+    assert chunk_end(8, 8, 100, blocks) == 10
+    assert chunk_end(10, 8, 100, blocks) == 30
+    assert chunk_end(30, 12, 100, blocks) == 40
+    assert chunk_end(30, 10, 100, blocks) == 40
+    assert chunk_end(95, 8, 100, blocks) == 100
 
 
 def test_generation_stops_at_eos_without_emitting_it(tiny_checkpoint):

@@ -16,7 +16,9 @@ from PIL import Image
 from mlx_gemma4 import load
 from mlx_gemma4 import vision
 from mlx_gemma4.image_processing import ImageInputError
+from mlx_gemma4.generate import stream_generate
 from mlx_gemma4.model import merge_features
+from mlx_gemma4.prefill import block_spans
 from mlx_gemma4.vision import VisionTower
 
 transformers = pytest.importorskip("transformers")
@@ -97,7 +99,7 @@ def test_image_prompt_logits_and_greedy_continuation_match_transformers(pair):
     text_ids = model.text_ids(inputs["input_ids"])
     embeddings = merge_features(model.language_model.model.embed(text_ids), inputs["input_ids"],
                                 model.config.image_token_id, mx.array(hf_features), "image")
-    same_features = np.array(model.language_model(text_ids, None, embeddings, model._vision_blocks(
+    same_features = np.array(model.language_model(text_ids, None, embeddings, model.vision_blocks(
         inputs["input_ids"], inputs["mm_token_type_ids"])))
     decoder_error = np.abs(same_features - ref).max() / np.abs(ref).max()
     print(f"{variant}: image+text logits max |delta| relative {error:.2e} "
@@ -154,6 +156,47 @@ def test_prefill_in_chunks_around_the_image_equals_one_call(pair):
         with pytest.raises(ValueError, match="block is split across model calls"):
             model(mx.array(ids[:, :inside]), model.make_cache(), pixel_values=inputs["pixel_values"],
                   image_position_ids=inputs["image_position_ids"])
+
+
+def test_image_prompts_stream_in_chunks_that_keep_each_block_whole(pair, monkeypatch):
+    """`stream_generate` with images prefills in 8-token chunks; on 26B/31B (bidirectional blocks of ~60 tokens)
+    a chunk ends before a block and the next takes it whole, on E2B chunks cut through the images. The greedy
+    tokens are transformers'."""
+    variant, path, model, processor, hf = pair
+    images = [image(8), image(9, 60, 60)]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Compare this one"},
+                                             {"type": "image"}, {"type": "text", "text": "with that one."}]}]
+    inputs = processor(processor.apply_chat_template(messages), images=images)
+    ids = np.array(inputs["input_ids"])
+    calls = []
+    call = type(model).__call__
+    monkeypatch.setattr(type(model), "__call__", lambda self, x, *a, **k: calls.append(x.shape[1]) or call(
+        self, x, *a, **k))
+    steps = 8
+    responses = list(stream_generate(model, processor, messages, images=images, max_tokens=steps,
+                                     stop_tokens=set(), prefill_step_size=8, return_logprobs=True))
+    chunks = calls[:-steps - 1]  # then the last prompt token and one step ahead per token
+    assert sum(chunks) == ids.shape[1] - 1
+    ends = set(np.cumsum(chunks).tolist())
+    spans = block_spans(model.vision_blocks(mx.array(ids), inputs["mm_token_type_ids"]))
+    if variant == "e2b":
+        assert not spans and max(chunks) == 8
+    else:
+        assert len(spans) == 2 and all(last - first > 8 for first, last in spans)
+        assert all(first in ends and last in ends and not ends & set(range(first + 1, last))
+                   for first, last in spans)
+    hf_inputs = dict(input_ids=torch.from_numpy(ids).long(),
+                     pixel_values=torch.from_numpy(np.array(inputs["pixel_values"])),
+                     image_position_ids=torch.from_numpy(np.array(inputs["image_position_ids"])).long(),
+                     mm_token_type_ids=torch.from_numpy(np.array(inputs["mm_token_type_ids"])).long())
+    with torch.no_grad():
+        first = torch.log_softmax(hf(**hf_inputs).logits[0, -1], dim=-1).numpy()
+        want = hf.generate(**hf_inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    got = np.array(responses[0].logprobs)
+    # E2B's random decoder amplifies the towers' float32 rounding (see the image-prompt test above).
+    assert np.abs(got - first).max() <= (1e-4 if variant != "e2b" else 1e-3) * np.abs(first).max()
+    assert [r.token for r in responses] == want
 
 
 def test_different_images_give_different_logits(pair):
