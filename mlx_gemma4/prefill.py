@@ -64,6 +64,8 @@ def feed(model, tokens: mx.array, cache: List, step_size: int, media: Optional[d
     """Feed `tokens` (1-D ids) through `cache` in chunks of at most `step_size`
     tokens, shrunk to the score budget. `media`: the processor's arrays for
     these tokens (pixel values, audio features, `mm_token_type_ids` `[1, T]`)."""
+    if tokens.size == 0:  # a one-token prompt: the first decode step reads it
+        return
     media = {k: v for k, v in (media or {}).items() if v is not None}
     types = media.pop("mm_token_type_ids", None)
     ids = tokens[None]

@@ -75,6 +75,17 @@ def test_long_prompts_prefill_in_chunks_whose_scores_fit_the_budget(tiny_checkpo
     assert tokens == ref
 
 
+def test_a_one_token_prompt_has_nothing_to_prefill(tiny_checkpoint, hf_model):
+    path = tiny_checkpoint("31b")
+    model, processor = load(path)
+    first = processor.encode("hello")[:1]
+    tokens = [t for t, _ in islice(generate_tokens(model, mx.array(first)), 4)]
+    with torch.no_grad():
+        ref = hf_model(path).generate(torch.tensor([first]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, 1:].tolist()
+    assert tokens == ref
+
+
 def test_chunks_end_outside_image_blocks():
     """A chunk stops before a block it would cut, or takes a block it starts with whole."""
     # Each block with its begin- and end-of-image tokens.
