@@ -13,6 +13,7 @@ from .audio import AudioConfig, AudioEmbedder, AudioEncoder, valid_rows
 from .cache import vision_block_ids
 from .config import ModelConfig
 from .encoder_cache import EncoderOutputCache
+from . import vision
 from .text import LanguageModel
 from .vision import VisionConfig, VisionEmbedder, VisionTower
 
@@ -34,9 +35,9 @@ class Model(nn.Module):
         self.config = config
         self.language_model = LanguageModel(config.text_config)
         if config.vision_config is not None:
-            vision = VisionConfig.from_dict(config.vision_config)
-            self.vision_tower = VisionTower(vision)
-            self.embed_vision = VisionEmbedder(vision.hidden_size, config.text_config.hidden_size, vision.rms_norm_eps)
+            tower = VisionConfig.from_dict(config.vision_config)
+            self.vision_tower = VisionTower(tower)
+            self.embed_vision = VisionEmbedder(tower.hidden_size, config.text_config.hidden_size, tower.rms_norm_eps)
         if config.audio_config is not None:
             audio = AudioConfig.from_dict(config.audio_config)
             self.audio_tower = AudioEncoder(audio)
@@ -107,7 +108,8 @@ class Model(nn.Module):
     def encode_vision(self, pixel_values: mx.array, position_ids: mx.array, kind: str = "image") -> mx.array:
         """Soft-token embeddings `[total_tokens, text_hidden]` of processed
         images or video frames, in order. Each distinct image is encoded once
-        and remembered in `encoder_outputs` (clear it after changing weights)."""
+        and remembered in `encoder_outputs` (clear it after changing weights);
+        the tower takes them in groups of at most `vision.PATCHES_PER_CALL` patches."""
         if "vision_tower" not in self:
             raise ValueError(
                 f"this model has no vision encoder (text-only checkpoint or loaded with text_only=True); "
@@ -116,8 +118,8 @@ class Model(nn.Module):
         if isinstance(pixel_values, mx.array):
             pixel_values = pixel_values.astype(mx.float32)  # numpy has no bfloat16
         pixels, positions = np.asarray(pixel_values), np.asarray(position_ids)
-        vision = self.vision_tower.config
-        width, block = 3 * vision.patch_size**2, vision.pooling_kernel_size**2
+        tower = self.vision_tower.config
+        width, block = 3 * tower.patch_size**2, tower.pooling_kernel_size**2
         if pixels.ndim != 3 or pixels.shape[2] != width or pixels.shape[1] % block or \
                 positions.shape != (*pixels.shape[:2], 2):
             raise ValueError(
@@ -126,9 +128,10 @@ class Model(nn.Module):
             )
         keys = [EncoderOutputCache.key(kind, p, q) for p, q in zip(pixels, positions)]
         missing = [i for i, key in enumerate(keys) if self.encoder_outputs.get(key) is None]
-        if missing:
-            encoded = self.vision_tower(mx.array(pixels[missing]), mx.array(positions[missing]))
-            for i, features in zip(missing, encoded):
+        per_call = max(1, vision.PATCHES_PER_CALL // pixels.shape[1])
+        for group in (missing[a:a + per_call] for a in range(0, len(missing), per_call)):
+            encoded = self.vision_tower(mx.array(pixels[group]), mx.array(positions[group]))
+            for i, features in zip(group, encoded):
                 projected = self.embed_vision(features)
                 mx.eval(projected)
                 self.encoder_outputs.put(keys[i], projected)

@@ -22,6 +22,10 @@ from .clippable_linear import ClippableLinear
 
 # Queries per attention block of a large image on the CPU (see `attend_in_blocks`).
 CPU_QUERY_BLOCK = 1024
+# Patches per tower call: the images of a prompt are encoded in groups that
+# hold at most one image at the largest budget (1120 soft tokens, 10 080
+# patches), so many images or frames peak as one large image does.
+PATCHES_PER_CALL = 10_080
 
 
 @dataclass

@@ -79,6 +79,22 @@ def test_vision_tower_matches_transformers(pair, query_block, monkeypatch):
         assert error <= 1e-4
 
 
+def test_many_images_go_through_the_tower_in_groups_of_bounded_patches(pair, monkeypatch):
+    variant, path, model, processor, hf = pair
+    pixels, positions = (mx.array(x.numpy()) for x in hf_image_inputs(path, [image(30 + i) for i in range(5)]))
+    calls = []
+    tower = type(model.vision_tower).__call__
+    monkeypatch.setattr(type(model.vision_tower), "__call__",
+                        lambda self, p, q: calls.append(p.shape[0]) or tower(self, p, q))
+    model.encoder_outputs.clear()
+    whole = np.array(model.encode_vision(pixels, positions))
+    monkeypatch.setattr(vision, "PATCHES_PER_CALL", 2 * pixels.shape[1] + 1)
+    model.encoder_outputs.clear()
+    grouped = np.array(model.encode_vision(pixels, positions))
+    assert calls == [5, 2, 2, 1]
+    np.testing.assert_allclose(grouped, whole, rtol=0, atol=1e-6 * np.abs(whole).max())
+
+
 def test_image_prompt_logits_and_greedy_continuation_match_transformers(pair):
     variant, path, model, processor, hf = pair
     images = [image(4), image(5, 60, 60)]
