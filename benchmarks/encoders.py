@@ -93,8 +93,13 @@ def ensure_checkpoint(cache_dir: Path, geometry: str, config: dict, seed: int) -
 @dataclass
 class ImageInput:
     budget: int
-    pixel_values: np.ndarray  # float32 [1, patches, 3 * patch_size**2]
-    position_ids: np.ndarray  # int32 [1, patches, 2]
+    pixel_values: np.ndarray  # float32 [images, patches, 3 * patch_size**2]
+    position_ids: np.ndarray  # int32 [images, patches, 2]
+
+    @property
+    def label(self) -> str:
+        count = self.pixel_values.shape[0]
+        return f"image {self.budget}" if count == 1 else f"{count} images {self.budget}"
 
 
 @dataclass
@@ -113,14 +118,15 @@ def synthetic_image(seed: int) -> np.ndarray:
     return (base + noise).astype(np.uint8)
 
 
-def image_inputs(config_dir: Path, budgets: Sequence[int], seed: int) -> List[ImageInput]:
-    """The synthetic image processed by our ImageProcessor at each budget."""
+def image_inputs(config_dir: Path, budgets: Sequence[int], seed: int, count: int) -> List[ImageInput]:
+    """`count` synthetic images (distinct, so none is a cache hit) processed
+    together by our ImageProcessor at each budget."""
     processor_config = json.loads((config_dir / PROCESSOR_FILE).read_text())["image_processor"]
     processor = ImageProcessor.from_dict(processor_config)
-    image = synthetic_image(seed)
+    images = [synthetic_image(seed + i) for i in range(count)]
     inputs = []
     for budget in budgets:
-        processed = processor([image], max_soft_tokens=budget)
+        processed = processor(images, max_soft_tokens=budget)
         inputs.append(ImageInput(budget, processed.pixel_values, processed.position_ids))
     return inputs
 
@@ -179,8 +185,10 @@ def ours_image(model: Model, image: ImageInput) -> mx.array:
 
 
 def vlm_image(model: nn.Module, image: ImageInput) -> mx.array:
-    """Soft-token embeddings `[tokens, text_hidden]` through mlx-vlm's `encode_image` (same patches, positions)."""
-    return model.encode_image(mx.array(image.pixel_values), mx.array(image.position_ids))[0]
+    """Soft-token embeddings `[tokens, text_hidden]` through mlx-vlm's `encode_image` (same patches, positions;
+    the synthetic images have one size, so its batch has no padding tokens)."""
+    features = model.encode_image(mx.array(image.pixel_values), mx.array(image.position_ids))
+    return features.reshape(-1, features.shape[-1])
 
 
 def ours_audio(model: Model, audio: AudioInput) -> mx.array:
@@ -226,10 +234,10 @@ def measure(encode: Callable[[], mx.array], reps: int) -> Timing:
 
 
 def attention_gb(image: ImageInput, heads: int) -> float:
-    """Transient attention memory at `image`'s patch count: one float32 score matrix per head,
-    plus mlx-vlm's float mask and its boolean precursor (the CPU backend does not tile attention)."""
-    patches = image.pixel_values.shape[1]
-    return (heads + 2) * patches**2 * 4 / GB
+    """Transient attention memory of mlx-vlm at `image`'s patch count: one float32 score matrix per head and
+    image, plus its float mask and their boolean precursor (the CPU backend does not tile attention)."""
+    count, patches = image.pixel_values.shape[:2]
+    return count * (heads + 2) * patches**2 * 4 / GB
 
 
 @dataclass
@@ -256,11 +264,11 @@ def relative_diff(ours: np.ndarray, theirs: np.ndarray) -> float:
 
 
 def run_geometry(folder: Path, geometry: str, budgets: Sequence[int], audio_seconds: Sequence[float],
-                 reps: int, max_gb: float, config_dir: Path, seed: int) -> List[Row]:
+                 reps: int, max_gb: float, config_dir: Path, seed: int, count: int) -> List[Row]:
     """Time every input on ours, then (ours freed) on mlx-vlm, and compare the outputs."""
     config = json.loads((folder / "config.json").read_text())
     vision, audio = config["vision_config"], config.get("audio_config")
-    images = image_inputs(config_dir, budgets, seed)
+    images = image_inputs(config_dir, budgets, seed, count)
     clips = [audio_input(s, seed) for s in audio_seconds] if audio else []
     warm_image = warmup_image(images[0], vision["pooling_kernel_size"])
     warm_clip = audio_input(0.5, seed) if audio else None
@@ -269,7 +277,7 @@ def run_geometry(folder: Path, geometry: str, budgets: Sequence[int], audio_seco
     fits = [i for i in images if weights_gb + attention_gb(i, vision["num_attention_heads"]) <= max_gb]
     for image in images:
         if image not in fits:
-            log(f"{geometry} image {image.budget}: skipped, estimated peak above --max-gb {max_gb:g}")
+            log(f"{geometry} {image.label}: skipped, estimated peak above --max-gb {max_gb:g}")
     results: Dict[str, Dict[str, Timing]] = {"ours": {}, "mlx-vlm": {}}
     loaders = (("ours", load_ours, ours_image, ours_audio), ("mlx-vlm", load_vlm, vlm_image, vlm_audio))
     for name, loader, encode_image, encode_audio in loaders:
@@ -279,8 +287,8 @@ def run_geometry(folder: Path, geometry: str, budgets: Sequence[int], audio_seco
         log(f"{geometry} {name}: loaded, encoder weights {weights_gb:.2f} GB (float32)")
         measure(lambda: encode_image(model, warm_image), 1)
         for image in fits:
-            results[name][f"image {image.budget}"] = timing = measure(lambda: encode_image(model, image), reps)
-            log(f"  image {image.budget}: {timing.seconds:.2f} s, peak {timing.peak_gb:.2f} GB")
+            results[name][image.label] = timing = measure(lambda: encode_image(model, image), reps)
+            log(f"  {image.label}: {timing.seconds:.2f} s, peak {timing.peak_gb:.2f} GB")
         if clips:
             measure(lambda: encode_audio(model, warm_clip), 1)
         for clip in clips:
@@ -334,6 +342,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"image soft-token budgets (default: {DEFAULTS['budgets']}; --quick: {QUICK['budgets']})")
     parser.add_argument("--audio-seconds", type=float, nargs="+",
                         help=f"audio clip lengths, at most 30 (default: {DEFAULTS['audio_seconds']})")
+    parser.add_argument("--images", type=int, default=1,
+                        help="distinct images per budget, encoded together as one prompt's (default: 1)")
     parser.add_argument("--reps", type=int, help=f"timed repetitions, fastest kept (default: {DEFAULTS['reps']})")
     parser.add_argument("--vision-layers", type=int,
                         help=f"keep only the first N vision encoder layers (default: all; --quick: "
@@ -355,8 +365,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name, value in preset.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.reps < 1 or not all(0 < s <= 30 for s in args.audio_seconds):
-        parser.error("--reps must be >= 1 and audio lengths in (0, 30] seconds")
+    if args.reps < 1 or args.images < 1 or not all(0 < s <= 30 for s in args.audio_seconds):
+        parser.error("--reps and --images must be >= 1 and audio lengths in (0, 30] seconds")
     return args
 
 
@@ -367,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         config = checkpoint_config(geometry, args.config_dir, args.vision_layers, args.audio_layers)
         folder = ensure_checkpoint(args.cache_dir, geometry, config, args.seed)
         rows += run_geometry(folder, geometry, sorted(args.budgets), args.audio_seconds, args.reps, args.max_gb,
-                             args.config_dir, args.seed)
+                             args.config_dir, args.seed, args.images)
     print(format_table(rows))
     if args.json:
         payload = {"machine": machine(), "argv": sys.argv, "rows": [asdict(r) for r in rows]}

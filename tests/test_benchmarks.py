@@ -38,3 +38,16 @@ def test_speculative_benchmark_runs_both_runtimes():
     # Each runtime's stream with the drafter equals its stream without.
     assert rows["mlx_gemma4"].rstrip(" |").endswith("True"), rows
     assert "| True (plain:" in rows["mlx-vlm"], rows
+
+
+def test_media_prefill_benchmark_runs_both_ways(tmp_path):
+    """On the quick run's 26B-A4B checkpoint (built above, cached): chunks around an image block, then one call."""
+    out = tmp_path / "media.json"
+    run = subprocess.run([sys.executable, "benchmarks/media_prefill.py", "--geometry", "26b-a4b", "--layers", "1",
+                          "--images", "2", "--image-tokens", "16", "--prefill-chunk", "24", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    chunked, whole = json.loads(out.read_text())["results"]
+    assert (chunked["chunk"], whole["chunk"]) == (24, None) and chunked["tokens"] == whole["tokens"] == 2 * 42 + 24
+    assert all(r["seconds"] > 0 and r["peak_gb"] > 0 for r in (chunked, whole))
+    assert "peak GB above the weights" in run.stdout
