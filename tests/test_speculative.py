@@ -291,6 +291,23 @@ def test_chat_turns_with_a_drafter_are_the_turns_without(pair):
     assert transcripts[0][2][0] == len(transcripts[0][1])
 
 
+def test_an_image_prompt_with_a_drafter_is_the_stream_without(tiny_checkpoint, tiny_drafter):
+    """26B (bidirectional image blocks): the prompt prefills in 8-token chunks around the image, then drafts."""
+    from PIL import Image
+
+    model, processor = load(tiny_checkpoint("26b"))
+    drafter = load_drafter(tiny_drafter("26b", False), model)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    streams = [[(r.token, np.array(r.logprobs)) for r in stream_generate(
+        model, processor, messages, images=[picture], max_tokens=12, stop_tokens=set(), prefill_step_size=8,
+        return_logprobs=True, **draft)] for draft in ({}, {"draft_model": drafter})]
+    plain, drafted = ([t for t, _ in s] for s in streams)
+    assert drafted == plain
+    for (_, ours), (_, theirs) in zip(streams[1], streams[0]):
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.ptp(theirs[np.isfinite(theirs)])
+
+
 def test_a_quantized_drafter_loads_and_drafts(pair, tmp_path):
     """A drafter stored quantized (as an MLX conversion would), its clustered head reading quantized rows."""
     import json
