@@ -245,13 +245,18 @@ def timed_load(name: str, dtype: Optional[str], folder: Path) -> tuple:
     return time.perf_counter() - start, mx.get_peak_memory() / GB
 
 
+def in_new_process(function: Callable, *args):
+    """`function(*args)` in a new (spawned) process, whose memory and allocator start fresh."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
 def load_in_new_process(name: str, dtype: Optional[str], folder: Path) -> tuple:
     """`timed_load` in a new process. In this one, whichever runtime loads later
     reuses memory the allocator already holds, where the first one had the
     pages mapped fresh (26B-A4B 4L: ours 3.4-4.4 s loading first, 1.3-1.5 s
     alone; mlx-vlm 0.4 s second, 1.0-1.3 s alone)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(timed_load, (name, dtype, folder))
+    return in_new_process(timed_load, name, dtype, folder)
 
 
 def benchmark(runtime: Runtime, folder: Path, geometry: str, text: TextConfig, args,

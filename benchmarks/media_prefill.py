@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import converted  # noqa: E402
+from bench import converted, in_new_process  # noqa: E402
 from checkpoints import GB, GEOMETRIES, ROOT, ensure_checkpoint, log, machine  # noqa: E402
 from mlx_gemma4.loader import load_model  # noqa: E402
 from mlx_gemma4.prefill import prefill  # noqa: E402
@@ -77,11 +76,6 @@ def run(folder: Path, chunk: Optional[int], images: int, image_tokens: int, seed
             "peak_gb": (mx.get_peak_memory() - held) / GB, "weights_gb": held / GB}
 
 
-def in_new_process(*args) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run, args)
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--geometry", choices=[g for g in GEOMETRIES if g != "e2b"], default="31b",
@@ -107,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results = []
     for chunk in (args.prefill_chunk, None):
         log(f"{args.geometry} {args.layers}L: prefill in {'one call' if chunk is None else f'chunks of {chunk}'}")
-        results.append(in_new_process(folder, chunk, args.images, args.image_tokens, args.seed))
+        results.append(in_new_process(run, folder, chunk, args.images, args.image_tokens, args.seed))
     chunked, whole = results
     print(f"| {args.geometry} {args.layers}L, {args.bits}-bit, {args.images} images x {args.image_tokens} tokens "
           f"({chunked['tokens']} tokens) | chunks of {args.prefill_chunk} | one call | ratio |")
