@@ -9,11 +9,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import vision
 from .audio import AudioConfig, AudioEmbedder, AudioEncoder, valid_rows
 from .cache import vision_block_ids
 from .config import ModelConfig
 from .encoder_cache import EncoderOutputCache
-from . import vision
 from .text import LanguageModel
 from .vision import VisionConfig, VisionEmbedder, VisionTower
 
