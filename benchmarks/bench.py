@@ -200,7 +200,7 @@ def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int
     caches are filled with random keys and values (a real prefill of 8K tokens
     takes hours on this CPU); a step reads them exactly as after a prompt.
     `kv_bits` quantizes the global layers' caches."""
-    cache = model.make_cache(kv_bits=kv_bits)
+    cache = model.make_cache(kv_bits=kv_bits, quantized_kv_start=0)
     key = mx.random.key(seed)
     for layer, c in enumerate(cache):  # one cache per K/V-owning layer, in layer order
         shape = (1, text.layer_kv_heads(layer), 0, text.layer_head_dim(layer))

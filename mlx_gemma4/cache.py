@@ -107,19 +107,39 @@ class KVCache:
 
 
 class QuantizedKVCache(KVCache):
-    """A global layer's keys and values quantized as they arrive (affine,
-    `bits` per value, a scale and bias per `group_size` values of a head), read
-    by `attention.quantized_attention`. Sliding layers keep float caches: they
+    """A global layer's keys and values quantized (affine, `bits` per value, a
+    scale and bias per `group_size` values of a head), read by
+    `attention.quantized_attention`. Sliding layers keep float caches: they
     hold at most a window, and are the ones a long context does not grow.
-    mlx-lm's `QuantizedKVCache` is the same idea; it is not imported for the
-    reason given at the top of this module."""
 
-    def __init__(self, bits: int, group_size: int):
+    Up to `start` tokens are kept as floats: a short context, whose cache is
+    small anyway, keeps full precision and (on a GPU) the fused attention
+    kernel. The update that would take the cache past `start` quantizes the
+    tokens held and every later one (mlx-lm's `quantized_kv_start`, which
+    converts the cache once it holds `start`). mlx-lm's `QuantizedKVCache` is
+    the same idea; it is not imported for the reason given at the top of this
+    module."""
+
+    def __init__(self, bits: int, group_size: int, start: int = 0):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.start = bits, group_size, start
+        self.quantized = False
 
-    def _stored(self, x: mx.array) -> QuantizedTensor:
-        return QuantizedTensor(*mx.quantize(x, self.group_size, self.bits))
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[Keys, Keys]:
+        if not self.quantized and self.offset + keys.shape[2] > self.start:
+            self.quantized = True
+            if self.offset:
+                self.keys, self.values = (self._stored(x) for x in self._first(self.offset))
+            else:  # nothing held (or all rolled back): the buffers are made anew
+                self.keys = self.values = None
+        return super().update_and_fetch(keys, values)
+
+    def _stored(self, x: mx.array) -> Keys:
+        return QuantizedTensor(*mx.quantize(x, self.group_size, self.bits)) if self.quantized else x
+
+    def load_state(self, keys: Keys, values: Keys) -> None:
+        super().load_state(keys, values)
+        self.quantized = isinstance(keys, QuantizedTensor)
 
 
 class RotatingKVCache:
@@ -283,18 +303,23 @@ class RotatingKVCache:
 
 KV_BITS = (2, 3, 4, 5, 6, 8)
 KV_GROUP_SIZES = (32, 64, 128)
+# mlx-lm's and mlx-vlm's default, so their users' commands mean the same here.
+DEFAULT_QUANTIZED_KV_START = 5000
 
 
 def make_cache(config: TextConfig, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-               kv_group_size: int = 64) -> List:
+               kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> List:
     """One cache per layer that owns K/V (the first `first_kv_shared_layer` layers).
 
     `max_kv_size` bounds the global layers too: they then keep only the last
     `max_kv_size` tokens (less memory, and the model forgets older context).
     `kv_bits` quantizes the global layers' caches instead (less memory, all
-    the context kept; see `QuantizedKVCache`).
+    the context kept) once they hold more than `quantized_kv_start` tokens
+    (see `QuantizedKVCache`).
     """
     owners = range(config.first_kv_shared_layer)
+    if quantized_kv_start < 0:
+        raise ValueError(f"quantized_kv_start must be 0 or more, not {quantized_kv_start}")
     if kv_bits is not None:
         if kv_bits not in KV_BITS or kv_group_size not in KV_GROUP_SIZES:
             raise ValueError(f"KV cache quantization takes bits in {KV_BITS} and a group size in {KV_GROUP_SIZES}, "
@@ -309,7 +334,7 @@ def make_cache(config: TextConfig, max_kv_size: Optional[int] = None, kv_bits: O
 
     def global_cache():
         if kv_bits is not None:
-            return QuantizedKVCache(kv_bits, kv_group_size)
+            return QuantizedKVCache(kv_bits, kv_group_size, quantized_kv_start)
         return KVCache() if max_kv_size is None else RotatingKVCache(max_kv_size)
 
     return [RotatingKVCache(config.sliding_window) if config.is_sliding(i) else global_cache() for i in owners]
@@ -385,7 +410,7 @@ def save_prompt_cache(path: str, cache: List, tokens: List[int]) -> None:
                 arrays[f"{i}.{name}"] = x
         entry = {"window": c.window if isinstance(c, RotatingKVCache) else None, "offset": c.offset}
         if isinstance(c, QuantizedKVCache):
-            entry.update(bits=c.bits, group_size=c.group_size)
+            entry.update(bits=c.bits, group_size=c.group_size, start=c.start)
         layout.append(entry)
     metadata = {"layout": json.dumps(layout), "tokens": json.dumps(list(tokens))}
     tmp = Path(str(path) + ".tmp.safetensors")
@@ -410,7 +435,9 @@ def load_prompt_cache(path: str) -> Tuple[List, List[int]]:
         if entry["window"] is not None:
             c = RotatingKVCache(entry["window"])
         else:
-            c = QuantizedKVCache(entry["bits"], entry["group_size"]) if "bits" in entry else KVCache()
+            # Files written before `start` existed quantized from the first token.
+            c = QuantizedKVCache(entry["bits"], entry["group_size"], entry.get("start", 0)) if "bits" in entry \
+                else KVCache()
         keys, values = stored(f"{i}.keys"), stored(f"{i}.values")
         if keys is not None and entry["window"] is None:
             c.load_state(keys, values)

@@ -18,8 +18,9 @@ from typing import Iterator, List, Optional
 
 import mlx.core as mx
 
-from .cache import load_prompt_cache, save_prompt_cache
-from .cli import add_model_arguments, check_arguments, load_models, print_piece, print_stats, read_tools, sampling_setup
+from .cache import DEFAULT_QUANTIZED_KV_START, load_prompt_cache, save_prompt_cache
+from .cli import (add_model_arguments, cache_options, check_arguments, load_models, print_piece, print_stats, read_tools,
+                  sampling_setup)
 from .generate import Response, stream_generate
 from .loader import CheckpointError
 from .prefill import PREFILL_STEP_SIZE, feed
@@ -42,17 +43,20 @@ class ChatSession:
     `send(...)` streams the model's reply to a new user message (or tool
     responses) and records it in `messages`. `prefilled_tokens` counts the
     tokens fed for the last turn's prompt, so re-prefills are visible.
-    `max_kv_size`, `kv_bits` and `kv_group_size` are `model.make_cache`'s,
-    for every cache the session makes (`load` takes the file's caches as saved).
+    `max_kv_size`, `kv_bits`, `kv_group_size` and `quantized_kv_start` are
+    `model.make_cache`'s, for every cache the session makes (`load` takes the
+    file's caches as saved).
     """
 
     def __init__(self, model, processor, *, system: Optional[str] = None, tools=None,
                  enable_thinking: bool = False, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-                 kv_group_size: int = 64, image_token_budget=None):
+                 kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
+                 image_token_budget=None):
         self.model, self.processor = model, processor
         self.tools = tool_schemas(tools) if tools else None
         self.enable_thinking = enable_thinking
-        self.cache_options = {"max_kv_size": max_kv_size, "kv_bits": kv_bits, "kv_group_size": kv_group_size}
+        self.cache_options = {"max_kv_size": max_kv_size, "kv_bits": kv_bits, "kv_group_size": kv_group_size,
+                              "quantized_kv_start": quantized_kv_start}
         self.system = system
         self.media_options = {"image_token_budget": image_token_budget} if image_token_budget else {}
         self.reset()
@@ -239,9 +243,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_arguments(args)
         model, processor, drafter = load_models(args)
         session = ChatSession(model, processor, system=args.system, tools=read_tools(args.tools),
-                              enable_thinking=args.thinking, max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                              kv_group_size=args.kv_group_size,
-                              image_token_budget=args.image_budget)
+                              enable_thinking=args.thinking, image_token_budget=args.image_budget,
+                              **cache_options(args))
         if args.prompt_cache:
             session.load(args.prompt_cache)
     except (CheckpointError, ValueError) as e:

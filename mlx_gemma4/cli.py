@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from . import precision
 from .audio_features import prepare_audio, split_at_silence
-from .cache import KV_BITS, KV_GROUP_SIZES
+from .cache import DEFAULT_QUANTIZED_KV_START, KV_BITS, KV_GROUP_SIZES
 from .drafter import load_drafter
 from .generate import stream_generate, stop_token_ids
 from .image_processing import SUPPORTED_BUDGETS
@@ -43,6 +43,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize the global layers' cache to this many bits (less memory, all the context kept)")
     p.add_argument("--kv-group-size", type=int, choices=KV_GROUP_SIZES, default=64,
                    help="values per scale and bias in the quantized cache (default 64)")
+    p.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                   help="with --kv-bits, keep the cache in floats until it holds this many tokens "
+                        f"(default {DEFAULT_QUANTIZED_KV_START}, as mlx-lm; 0 quantizes from the first)")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
                    help="let the model think before answering")
     p.add_argument("--show-thinking", action=argparse.BooleanOptionalAction, default=True,
@@ -86,6 +89,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--min-p must be in [0, 1)")
     if args.max_kv_size is not None and args.max_kv_size <= 0:
         raise ValueError("--max-kv-size must be positive")
+    if args.quantized_kv_start < 0:
+        raise ValueError("--quantized-kv-start must be 0 or more")
     if args.draft_tokens is not None and (args.draft_model is None or args.draft_tokens < 1):
         raise ValueError("--draft-tokens needs --draft-model and must be at least 1")
     if args.draft_model and args.repetition_penalty not in (None, 1.0):
@@ -94,6 +99,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     for file in files + ([args.video] if getattr(args, "video", None) else []):
         if "://" not in file and not Path(file).is_file():
             raise ValueError(f"{file}: no such file")
+
+
+def cache_options(args: argparse.Namespace) -> dict:
+    """`make_cache`'s arguments from the flags."""
+    return {"max_kv_size": args.max_kv_size, "kv_bits": args.kv_bits, "kv_group_size": args.kv_group_size,
+            "quantized_kv_start": args.quantized_kv_start}
 
 
 def load_models(args: argparse.Namespace) -> tuple:
@@ -171,8 +182,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_arguments(args)
         tools = read_tools(args.tools)
         model, processor, drafter = load_models(args)
-        cache = model.make_cache(max_kv_size=args.max_kv_size, kv_bits=args.kv_bits,
-                                 kv_group_size=args.kv_group_size)
+        cache = model.make_cache(**cache_options(args))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import vision
 from .audio import AudioConfig, AudioEmbedder, AudioEncoder, valid_rows
-from .cache import vision_block_ids
+from .cache import DEFAULT_QUANTIZED_KV_START, vision_block_ids
 from .config import ModelConfig
 from .encoder_cache import EncoderOutputCache
 from .text import LanguageModel
@@ -202,11 +202,12 @@ class Model(nn.Module):
         return mx.where(is_placeholder, self.config.text_config.pad_token_id, input_ids)
 
     def make_cache(self, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-                   kv_group_size: int = 64) -> List:
+                   kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> List:
         """Fresh KV caches for one sequence: rotating for sliding layers, growing
-        for global ones (rotating too when `max_kv_size` is given, quantized to
-        `kv_bits` in groups of `kv_group_size` when `kv_bits` is)."""
-        return self.language_model.make_cache(max_kv_size, kv_bits, kv_group_size)
+        for global ones (rotating too when `max_kv_size` is given; quantized to
+        `kv_bits` in groups of `kv_group_size` when `kv_bits` is, once they hold
+        more than `quantized_kv_start` tokens)."""
+        return self.language_model.make_cache(max_kv_size, kv_bits, kv_group_size, quantized_kv_start)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Map HF (`model.language_model.…`), bare-text and MLX-converted key names

@@ -9,7 +9,7 @@ import mlx.nn as nn
 
 from . import ple
 from .attention import Attention
-from .cache import attention_masks, cache_offset, make_cache
+from .cache import DEFAULT_QUANTIZED_KV_START, attention_masks, cache_offset, make_cache
 from .config import TextConfig
 from .kernels import add_scale, softcap
 from .mlp import MLP
@@ -144,5 +144,5 @@ class LanguageModel(nn.Module):
         return (logits, h) if return_hidden else logits
 
     def make_cache(self, max_kv_size: Optional[int] = None, kv_bits: Optional[int] = None,
-                   kv_group_size: int = 64) -> List:
-        return make_cache(self.config, max_kv_size, kv_bits, kv_group_size)
+                   kv_group_size: int = 64, quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START) -> List:
+        return make_cache(self.config, max_kv_size, kv_bits, kv_group_size, quantized_kv_start)

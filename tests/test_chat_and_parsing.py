@@ -8,6 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gemma4.cache import QuantizedKVCache
 from mlx_gemma4.chat import ChatSession
 from mlx_gemma4.loader import load
 from mlx_gemma4.response import ChannelParser, GenerationResult, starts_inside_thought
@@ -141,20 +142,27 @@ def test_chat_turns_reuse_the_cache_and_match_a_fresh_run(loaded, thinking):
     assert length > 3 * 16  # the conversation runs well past the sliding window
 
 
-@pytest.mark.parametrize("cache_options", [{}, {"kv_bits": 4, "kv_group_size": 32}])
+# The first turn leaves 42 tokens cached, the second 86: with a start of 50 the cache is saved in floats and
+# quantized during the second turn.
+@pytest.mark.parametrize("cache_options", [{}, {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0},
+                                           {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 50}])
 def test_prompt_cache_save_and_load(loaded, tmp_path, cache_options):
     model, processor = loaded
     session = ChatSession(model, processor, **cache_options)
     chat_turn(session, "tell me about the sea")
     session.save(str(tmp_path / "cache.safetensors"))
+    saved = [(getattr(c, "quantized", None), getattr(c, "start", None)) for c in session.cache]
     expected, _ = chat_turn(session, "and the river")
 
     restored = ChatSession(model, processor, **cache_options)
     restored.load(str(tmp_path / "cache.safetensors"))
     assert [type(c) for c in restored.cache] == [type(c) for c in session.cache]
+    assert [(getattr(c, "quantized", None), getattr(c, "start", None)) for c in restored.cache] == saved
     restored.messages = session.messages[:2]
     got, _ = chat_turn(restored, "and the river")
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    if "kv_bits" in cache_options:  # by now quantized, whatever the start
+        assert all(c.quantized for c in restored.cache if isinstance(c, QuantizedKVCache))
 
 
 def test_interrupted_turn_leaves_a_consistent_session(loaded):

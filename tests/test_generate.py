@@ -168,7 +168,7 @@ def test_cli_streams_text_and_stats(tiny_checkpoint):
     assert result.returncode == 0, result.stderr
     assert "Generation: 8 tokens" in result.stdout and "Peak memory" in result.stdout
     quantized = run_cli("--model", str(tiny_checkpoint("e2b")), "--prompt", "the sea", "--max-tokens", "8",
-                        "--kv-bits", "4", "--kv-group-size", "32")
+                        "--kv-bits", "4", "--kv-group-size", "32", "--quantized-kv-start", "0")
     assert quantized.returncode == 0, quantized.stderr
     assert "Generation: 8 tokens" in quantized.stdout
 
@@ -201,6 +201,7 @@ def test_cli_unresolvable_model_is_one_line_error(model, tmp_path):
     (["--tools", "/no/tools.json"], "--tools /no/tools.json: cannot read"),
     (["--kv-bits", "4", "--max-kv-size", "64"], "kv_bits and max_kv_size both shrink"),
     (["--kv-bits", "4"], "a KV group size of 64 does not divide the global layers' head dim 32"),
+    (["--quantized-kv-start", "-1"], "--quantized-kv-start must be 0 or more"),
 ])
 def test_cli_bad_flag_values_are_one_line_errors(tiny_checkpoint, flags, message):
     result = run_cli("--model", str(tiny_checkpoint("e2b")), *flags)

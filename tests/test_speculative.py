@@ -219,7 +219,7 @@ def test_speculative_stream_is_the_plain_stream(pair, variant, ordered, monkeypa
 def test_speculative_stream_over_a_quantized_cache_is_the_plain_stream(pair, variant, ordered, monkeypatch):
     """With `kv_bits`, the drafter and the verifying passes read the global layers' packed keys and values."""
     model, drafter, _, _ = pair(variant, ordered)
-    options = {"kv_bits": 4, "kv_group_size": 32}
+    options = {"kv_bits": 4, "kv_group_size": 32, "quantized_kv_start": 0}
     expected = _plain(model, PROMPT, 20, **options)
     _assert_same_stream(expected, _speculative(model, drafter, PROMPT, 20, **options))
     monkeypatch.setattr(speculative, "propose", _oracle(expected[0], len(PROMPT), model.config.text_config.vocab_size))
