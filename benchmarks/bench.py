@@ -63,19 +63,29 @@ class Runtime:
 
     name: str
     load: Callable[[Path], object]
-    # (model, prompt ids [T], max tokens, prefill chunk) -> greedy (token, logprobs) pairs
-    stream: Callable[[object, mx.array, int, int], Iterator[tuple]]
-    kv_bytes: int  # bytes per cached K or V element
+    # (model, prompt ids [T], max tokens, prefill chunk, caches or None) -> greedy (token, logprobs) pairs
+    stream: Callable[..., Iterator[tuple]]
+    # (model, kv_bits, fill) -> the caches of the K/V-owning layers (in layer order) after `fill(caches)`,
+    # the global layers' quantized to kv_bits (when not None)
+    filled_caches: Callable[[object, Optional[int], Callable[[list], None]], list]
+    kv_dtype: mx.Dtype  # of the cached keys and values
+    # Why quantized caches cannot run on a model (None: they can)
+    no_quantized_caches: Callable[[TextConfig], Optional[str]] = lambda text: None
 
 
 def ours(dtype: Optional[str]) -> Runtime:
     def load(folder: Path):
         return load_model(folder, dtype=dtype, text_only=True)  # evaluates one tensor at a time
 
-    def stream(model, prompt, n, chunk):
-        return islice(generate_tokens(model, prompt, prefill_step_size=chunk), n)
+    def stream(model, prompt, n, chunk, cache=None):
+        return islice(generate_tokens(model, prompt, cache=cache, prefill_step_size=chunk), n)
 
-    return Runtime("mlx_gemma4", load, stream, precision.compute_dtype(dtype, mx.bfloat16).size)
+    def filled_caches(model, kv_bits, fill):
+        cache = model.make_cache(kv_bits=kv_bits, quantized_kv_start=0)
+        fill(cache)
+        return cache
+
+    return Runtime("mlx_gemma4", load, stream, filled_caches, precision.compute_dtype(dtype, mx.bfloat16))
 
 
 def mlx_vlm() -> Runtime:
@@ -85,12 +95,29 @@ def mlx_vlm() -> Runtime:
     def load(folder: Path):
         return vlm_load_model(folder, lazy=False)
 
-    def stream(model, prompt, n, chunk):
+    def stream(model, prompt, n, chunk, cache=None):
         steps = generate_step(prompt[None], model, None, None, max_tokens=n, temperature=0.0,
-                              prefill_step_size=chunk)
+                              prefill_step_size=chunk, prompt_cache=cache)
         return ((int(token), logprobs) for token, logprobs in steps)
 
-    return Runtime("mlx_vlm", load, stream, 2)  # bfloat16 caches, as shipped
+    def filled_caches(model, kv_bits, fill):
+        from mlx_vlm.models.cache import KVCache
+
+        cache = model.language_model.make_cache()
+        fill(cache)
+        # Its own `generate_step(kv_bits=...)` cannot run on Gemma 4: it converts every cache, and a sliding
+        # layer's RotatingKVCache raises NotImplementedError (mlx-lm issue 1573). Its global layers' caches
+        # convert, and its attention then reads them quantized, as ours.
+        return [c.to_quantized(group_size=64, bits=kv_bits) if kv_bits and isinstance(c, KVCache) else c
+                for c in cache]
+
+    def no_quantized_caches(text):
+        if text.num_kv_shared_layers:
+            return "its KV-shared layers pass the quantized keys to the float attention kernel (a TypeError)"
+        return None
+
+    # bfloat16 caches, as shipped
+    return Runtime("mlx_vlm", load, stream, filled_caches, mx.bfloat16, no_quantized_caches)
 
 
 def converted(source: Path, bits: int, group_size: int, recipe: str) -> Path:
@@ -192,7 +219,7 @@ def timed_generation(runtime: Runtime, model, prompt: mx.array, n: int, chunk: i
     return ttft, decode_s, tokens
 
 
-def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int, follow_up: int,
+def long_context_decode(runtime: Runtime, model, text: TextConfig, context: int, n: int, seed: int, follow_up: int,
                         kv_bits: Optional[int] = None) -> dict:
     """With `context` tokens already cached: the time to the first token of a
     `follow_up`-token prompt (one prefill chunk) and the memory it takes above
@@ -200,25 +227,27 @@ def long_context_decode(model, text: TextConfig, context: int, n: int, seed: int
     caches are filled with random keys and values (a real prefill of 8K tokens
     takes hours on this CPU); a step reads them exactly as after a prompt.
     `kv_bits` quantizes the global layers' caches."""
-    cache = model.make_cache(kv_bits=kv_bits, quantized_kv_start=0)
-    key = mx.random.key(seed)
-    for layer, c in enumerate(cache):  # one cache per K/V-owning layer, in layer order
-        shape = (1, text.layer_kv_heads(layer), 0, text.layer_head_dim(layer))
-        for start in range(0, context, 1024):
-            size = min(1024, context - start)
-            key, k1, k2 = mx.random.split(key, 3)
-            kv = [mx.random.normal((*shape[:2], size, shape[3]), key=k) for k in (k1, k2)]
-            c.update_and_fetch(*kv)
-            mx.eval(c.state)
+
+    def fill(cache: list) -> None:
+        key = mx.random.key(seed)
+        for layer, c in enumerate(cache):  # one cache per K/V-owning layer, in layer order
+            heads, width = text.layer_kv_heads(layer), text.layer_head_dim(layer)
+            for start in range(0, context, 1024):
+                key, k1, k2 = mx.random.split(key, 3)
+                shape = (1, heads, min(1024, context - start), width)
+                c.update_and_fetch(*[mx.random.normal(shape, key=k).astype(runtime.kv_dtype) for k in (k1, k2)])
+                mx.eval(c.state)
+
+    cache = runtime.filled_caches(model, kv_bits, fill)
+    mx.eval([c.state for c in cache])
     held = mx.get_active_memory()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    steps = generate_tokens(model, random_prompt(follow_up + 1, text.vocab_size, seed), cache=cache,
-                            prefill_step_size=follow_up)
+    steps = runtime.stream(model, random_prompt(follow_up + 1, text.vocab_size, seed), n + 1, follow_up, cache)
     next(steps)
     follow_up_s, follow_up_gb = time.perf_counter() - start, (mx.get_peak_memory() - held) / GB
     start = time.perf_counter()
-    for _ in islice(steps, n):
+    for _ in steps:
         pass
     rate = n / (time.perf_counter() - start)
     mx.synchronize()
@@ -284,20 +313,23 @@ def benchmark(runtime: Runtime, folder: Path, geometry: str, text: TextConfig, a
     result.decode_tok_s = args.decode_tokens / decode_s
     result.tokens = tokens
     result.weights_gb_per_token = weight_bytes_per_token(model, text) / GB
-    result.kv_gb_per_token = kv_bytes_per_token(text, longest, runtime.kv_bytes) / GB
+    result.kv_gb_per_token = kv_bytes_per_token(text, longest, runtime.kv_dtype.size) / GB
     per_token = result.weights_gb_per_token + result.kv_gb_per_token
     result.ceiling_share = result.decode_tok_s * per_token / bandwidth
     log(f"  decode: {result.decode_tok_s:.2f} tok/s")
-    result.run_peak_gb = mx.get_peak_memory() / GB  # before the synthetic long caches, which only we build
+    result.run_peak_gb = mx.get_peak_memory() / GB  # before the synthetic long caches
     # Long contexts are compared with the same synthetic-cache measurement at the prompt's length.
-    contexts = [longest, *args.long_context] if args.long_context and runtime.name == "mlx_gemma4" else []
+    contexts = [longest, *args.long_context] if args.long_context else []
+    no_quantized = runtime.no_quantized_caches(text)
+    if args.kv_bits and contexts and no_quantized:
+        log(f"  no quantized caches for {runtime.name} here: {no_quantized}")
     for context in contexts:
-        for kv_bits in [None] + (args.kv_bits if context != longest else []):
-            run = long_context_decode(model, text, context, args.decode_tokens, args.seed, args.prefill_chunk,
-                                      kv_bits)
+        for kv_bits in [None] + (args.kv_bits if context != longest and not no_quantized else []):
+            run = long_context_decode(runtime, model, text, context, args.decode_tokens, args.seed,
+                                      args.follow_up_tokens, kv_bits)
             result.long_context.append(run)
-            log(f"  {context} tokens of context, {f'{kv_bits}-bit' if kv_bits else 'float'} global caches "
-                f"({run['kv_cache_gb']:.3f} GB): {args.prefill_chunk} more tokens in {run['follow_up_s']:.1f} s, "
+            log(f"  {context} tokens of context, {f'{kv_bits}-bit' if kv_bits else 'float'} caches "
+                f"({run['kv_cache_gb']:.3f} GB): {args.follow_up_tokens} more tokens in {run['follow_up_s']:.1f} s, "
                 f"peak {run['follow_up_peak_gb']:.3f} GB above weights and caches; decode {run['tok_s']:.2f} tok/s")
     del model
     return result
@@ -332,23 +364,24 @@ def comparison_table(results: Sequence[Result]) -> str:
         if b:
             same = sum(x == y for x, y in zip(a.tokens, b.tokens))
             rows.append([label, "greedy tokens equal", f"{same}/{len(a.tokens)}", "", ""])
-        runs = {(run["context"], run["kv_bits"]): run for run in a.long_context}
-        for (context, kv_bits), run in runs.items():
+        long_runs = [{(r["context"], r["kv_bits"]): r for r in x.long_context} if x else {} for x in (a, b)]
+        for (context, kv_bits), run in long_runs[0].items():
             if context == a.decode_context:
                 continue
+            other = long_runs[1].get((context, kv_bits))
             # Float caches against a short context; quantized ones against float caches of the same length.
-            base = runs[(a.decode_context, None) if kv_bits is None else (context, None)]
-            what = f"{context} vs {a.decode_context} tokens cached" if kv_bits is None else \
-                f"{context} cached, {kv_bits}-bit vs float global caches"
-            rows.append([label, f"our decode tok/s, {what}", f"{run['tok_s']:.2f} vs {base['tok_s']:.2f}", "",
-                         f"{run['tok_s'] / base['tok_s']:.2f}×"])
-            if kv_bits is not None:
-                rows.append([label, f"our KV caches GB, {what}", f"{run['kv_cache_gb']:.3f} vs "
-                             f"{base['kv_cache_gb']:.3f}", "", f"{run['kv_cache_gb'] / base['kv_cache_gb']:.2f}×"])
+            base = (a.decode_context, None) if kv_bits is None else (context, None)
             caches = f"{kv_bits}-bit" if kv_bits else "float"
-            rows.append([label, f"our {run['follow_up_tokens']}-token follow-up at {context} cached ({caches} global "
-                         "caches): s, peak GB above weights and caches",
-                         f"{run['follow_up_s']:.1f} s, {run['follow_up_peak_gb']:.3f} GB", "", ""])
+            where = f"{context} cached, {caches} caches"
+            add(label, f"decode tok/s, {where}", run["tok_s"], other and other["tok_s"], "{:.2f}", True)
+            against = f"{a.decode_context} cached" if kv_bits is None else "float caches"
+            relative = [runs[(context, kv_bits)]["tok_s"] / runs[base]["tok_s"] if runs else None for runs in long_runs]
+            add(label, f"decode at {where} / at {against}", *relative, "{:.2f}×", True)
+            add(label, f"KV caches GB, {where}", run["kv_cache_gb"], other and other["kv_cache_gb"], "{:.3f}", False)
+            add(label, f"{run['follow_up_tokens']}-token follow-up at {where}: s to first token", run["follow_up_s"],
+                other and other["follow_up_s"], "{:.1f}", False)
+            add(label, "  its peak GB above weights and caches", run["follow_up_peak_gb"],
+                other and other["follow_up_peak_gb"], "{:.3f}", False)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -371,10 +404,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"greedy tokens to decode (default: {DEFAULTS['decode_tokens']})")
     parser.add_argument("--long", action="store_true", help="also a 512-token prompt")
     parser.add_argument("--long-context", type=int, nargs="*", default=[],
-                        help="also our decode rate with this many tokens cached (e.g. 8192)")
+                        help="also the decode rate with this many tokens cached (e.g. 8192)")
     parser.add_argument("--kv-bits", type=int, nargs="*", default=[], choices=KV_BITS,
-                        help="with --long-context: also our decode with the global layers' caches at these bits")
+                        help="with --long-context: also decode with quantized caches of these bits")
     parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--follow-up-tokens", type=int,
+                        help="with --long-context: the prompt fed over the filled caches (default: --prefill-chunk)")
     parser.add_argument("--skip-mlx-vlm", action="store_true", help="time mlx_gemma4 only")
     parser.add_argument("--quick", action="store_true",
                         help=f"tiny run for CI: layers {QUICK_LAYERS}, prompts {QUICK['prompt_lengths']}, "
@@ -390,8 +425,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             setattr(args, name, list(value) if isinstance(value, list) else value)
     if args.long and 512 not in args.prompt_lengths:
         args.prompt_lengths.append(512)
-    if min(args.prompt_lengths) < 1 or args.decode_tokens < 1 or args.prefill_chunk < 1:
-        parser.error("prompt lengths, --decode-tokens and --prefill-chunk must be >= 1")
+    args.follow_up_tokens = args.follow_up_tokens or args.prefill_chunk
+    if min(args.prompt_lengths) < 1 or min(args.decode_tokens, args.prefill_chunk, args.follow_up_tokens) < 1:
+        parser.error("prompt lengths, --decode-tokens, --prefill-chunk and --follow-up-tokens must be >= 1")
     if args.kv_bits and not args.long_context:
         parser.error("--kv-bits times decoding over long caches: give --long-context too")
     return args

@@ -30,6 +30,23 @@ def test_quick_benchmark_times_both_runtimes_on_every_geometry(tmp_path):
     assert "mlx_gemma4" in header and "mlx-vlm" in header and "ratio" in header
 
 
+def test_long_context_benchmark_times_both_runtimes_over_filled_caches(tmp_path):
+    """On the quick run's 26B-A4B checkpoint (cached): float and 8-bit caches filled with 64 tokens, both runtimes."""
+    out = tmp_path / "long.json"
+    run = subprocess.run([sys.executable, "benchmarks/bench.py", "--geometry", "26b-a4b", "--layers", "1",
+                          "--prompt-lengths", "4", "--decode-tokens", "2", "--long-context", "64", "--kv-bits", "8",
+                          "--follow-up-tokens", "4", "--json", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in json.loads(out.read_text())["results"]:
+        runs = {(x["context"], x["kv_bits"]): x for x in r["long_context"]}
+        assert set(runs) == {(4, None), (64, None), (64, 8)}, r["runtime"]
+        assert all(x["tok_s"] > 0 and x["follow_up_s"] > 0 for x in runs.values())
+        # Quantized: smaller caches than the float ones of the same length.
+        assert runs[(64, 8)]["kv_cache_gb"] < runs[(64, None)]["kv_cache_gb"], r["runtime"]
+    assert "decode tok/s, 64 cached, 8-bit caches" in run.stdout
+
+
 def test_speculative_benchmark_runs_both_runtimes():
     run = subprocess.run([sys.executable, "benchmarks/speculative.py", "--layers", "6", "--prompt-length", "8",
                           "--decode-tokens", "2"], cwd=ROOT, capture_output=True, text=True, timeout=1500)
