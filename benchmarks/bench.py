@@ -375,7 +375,8 @@ def comparison_table(results: Sequence[Result]) -> str:
             where = f"{context} cached, {caches} caches"
             add(label, f"decode tok/s, {where}", run["tok_s"], other and other["tok_s"], "{:.2f}", True)
             against = f"{a.decode_context} cached" if kv_bits is None else "float caches"
-            relative = [runs[(context, kv_bits)]["tok_s"] / runs[base]["tok_s"] if runs else None for runs in long_runs]
+            relative = [runs[(context, kv_bits)]["tok_s"] / runs[base]["tok_s"] if (context, kv_bits) in runs else None
+                        for runs in long_runs]
             add(label, f"decode at {where} / at {against}", *relative, "{:.2f}×", True)
             add(label, f"KV caches GB, {where}", run["kv_cache_gb"], other and other["kv_cache_gb"], "{:.3f}", False)
             add(label, f"{run['follow_up_tokens']}-token follow-up at {where}: s to first token", run["follow_up_s"],
@@ -448,11 +449,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             for runtime in runtimes:
                 where = mlx_vlm_view(folder, Path(tmp) / "mlx_vlm") if runtime.name == "mlx_vlm" else folder
                 results.append(benchmark(runtime, where, geometry, text, args, bandwidth))
-    print(comparison_table(results))
-    if args.json:
+    if args.json:  # first: the measurements outlast any fault in the table
         payload = {"machine": machine(), "bandwidth_gb_s": bandwidth, "argv": sys.argv,
                    "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(payload, indent=2))
+    print(comparison_table(results))
 
 
 if __name__ == "__main__":
