@@ -113,16 +113,18 @@ def quantized_attention(q: mx.array, k: QuantizedTensor, v: QuantizedTensor, mas
     whole. `mx.fast.scaled_dot_product_attention` takes only float keys."""
     B, heads, T, D = q.shape
     kv_heads, keys = k.packed.shape[1], k.packed.shape[2]
-    quantization = k.quantization(D)
-    # Each key/value head serves a group of query heads: [B, kv_heads, group, T, D].
-    q = q.reshape(B, kv_heads, heads // kv_heads, T, D)
-    k, v = ([mx.expand_dims(a, 2) for a in t] for t in (k, v))
+    group, quantization = heads // kv_heads, k.quantization(D)
+    # The query rows of the `group` heads a key/value head serves are stacked, [B, kv_heads, group * T, D], so
+    # the packed keys and values are read as they are: a broadcast over a group axis, which MLX's CPU kernel
+    # makes contiguous first, would copy them `group` times.
+    q = q.reshape(B, kv_heads, group * T, D)
     scores = mx.quantized_matmul(q, *k, transpose=True, **quantization, stream=stream)
     if isinstance(mask, str):  # "causal", aligned to the last key
         mask = mx.arange(keys - T, keys)[:, None] >= mx.arange(keys)[None]
     if mask is not None:
         mask = mask[:, :, None] if mask.ndim == 4 else mask  # [B, 1, T, S]: one mask for every head
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min, stream=stream)
+        scores = scores.reshape(B, kv_heads, group, T, keys)
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min, stream=stream).reshape(B, kv_heads, -1, keys)
     weights = mx.softmax(scores, axis=-1, precise=True, stream=stream)
     out = mx.quantized_matmul(weights, *v, transpose=False, **quantization, stream=stream)
     return out.reshape(B, heads, T, D)

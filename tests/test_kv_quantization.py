@@ -130,3 +130,25 @@ def test_only_the_global_caches_are_quantized_and_they_shrink(model, bits):
 def test_bad_kv_options_are_clear_errors(model, options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         model.make_cache(**options)
+
+
+def test_quantized_attention_reads_the_packed_cache_without_copies():
+    """The query heads that share a key/value head are stacked as rows, so the packed keys and values are not
+    broadcast over them (MLX's CPU kernel would copy a broadcast cache once per query head of the group)."""
+    from mlx_gemma4.attention import quantized_attention
+
+    heads, kv_heads, keys, width = 8, 1, 4096, 128
+    k, v = (QuantizedTensor(*mx.quantize(mx.random.normal((1, kv_heads, keys, width), key=mx.random.key(i)), GROUP, 8))
+            for i in (1, 2))
+    q = mx.random.normal((1, heads, 1, width), key=mx.random.key(3))
+    mx.eval(k, v, q)
+    cache_bytes = sum(a.nbytes for t in (k, v) for a in t)
+    mx.reset_peak_memory()
+    held = mx.get_active_memory()
+    out = quantized_attention(q, k, v, None)
+    mx.eval(out)
+    assert mx.get_peak_memory() - held < cache_bytes / 2
+    # The same values as attention over the dequantized cache.
+    k_float, v_float = (mx.dequantize(*t, group_size=GROUP, bits=8) for t in (k, v))
+    expected = mx.fast.scaled_dot_product_attention(q, k_float, v_float, scale=1.0)
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=0, atol=1e-5)
