@@ -29,6 +29,8 @@ from mlx_gemma4.drafter import Drafter, DrafterConfig  # noqa: E402
 from mlx_gemma4.model import Model  # noqa: E402
 
 GB = 1e9
+# The released configs, in the `shared` folder beside the checkout.
+REFERENCE_CONFIGS = ROOT.parent / "shared" / "reference" / "configs"
 SHARD_BYTES = 2 * 10**9
 # Largest number of random values generated at once while filling a tensor.
 CHUNK_ELEMENTS = 1 << 27

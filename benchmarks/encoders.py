@@ -32,8 +32,8 @@ import mlx.nn as nn
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # checkpoints.py, next to this file
-from checkpoints import GB, ROOT, build_checkpoint, cached_build, cut_layers, log, machine, parameter_shapes, \
-    random_tensor, real_text_config  # noqa: E402
+from checkpoints import GB, REFERENCE_CONFIGS, ROOT, build_checkpoint, cached_build, cut_layers, log, machine, \
+    parameter_shapes, random_tensor, real_text_config  # noqa: E402
 from mlx_gemma4.audio import valid_rows  # noqa: E402
 from mlx_gemma4.audio_features import AudioFeatureExtractor  # noqa: E402
 from mlx_gemma4.image_processing import SUPPORTED_BUDGETS, ImageProcessor  # noqa: E402
@@ -41,7 +41,6 @@ from mlx_gemma4.loader import load_model  # noqa: E402
 from mlx_gemma4.model import Model  # noqa: E402
 from mlx_vlm.utils import load_model as vlm_load_model  # noqa: E402
 
-REFERENCE_CONFIGS = Path("/work/shared/reference/configs")
 CONFIG_FILES = {"e2b": "gemma-4-E2B-it.json", "26b-a4b": "gemma-4-26B-A4B-it.json"}
 PROCESSOR_FILE = "processor_config.E2B-E4B.json"  # the 26B-A4B image processor has the same settings
 TEXT_LAYERS = 1

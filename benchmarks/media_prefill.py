@@ -31,11 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import converted, in_new_process  # noqa: E402
-from checkpoints import GB, GEOMETRIES, ROOT, ensure_checkpoint, log, machine  # noqa: E402
+from checkpoints import GB, GEOMETRIES, REFERENCE_CONFIGS, ROOT, ensure_checkpoint, log, machine  # noqa: E402
 from mlx_gemma4.loader import load_model  # noqa: E402
 from mlx_gemma4.prefill import prefill  # noqa: E402
 
-REFERENCE_CONFIG = Path("/work/shared/reference/configs/gemma-4-31B-it.json")
+REFERENCE_CONFIG = REFERENCE_CONFIGS / "gemma-4-31B-it.json"
 IMAGE_IDS = ("image_token_id", "boi_token_id", "eoi_token_id")
 TEXT_BETWEEN = 24  # text tokens before each image and after the last
 
