@@ -12,7 +12,7 @@ machine's measured memory bandwidth (weights + KV cache read per token).
 
     python benchmarks/bench.py                 # e2b (10 layers), 26b-a4b (4), 31b (2), 4-bit
     python benchmarks/bench.py --quick         # CI smoke run
-    python benchmarks/bench.py --geometry e2b --long-context 8192 --json out.json
+    python benchmarks/bench.py --geometry e2b --long-context 8192 --follow-up-tokens 32 --json out.json
 
 See benchmarks/README.md for the options and what each figure means.
 """
