@@ -38,72 +38,74 @@ Mask = Union[None, str, mx.array]
 SPLIT_ATTENTION_MIN_SCORES = 1024
 
 
-def rope_periods(head_dim: int, theta: float, partial_rotary_factor: float) -> Optional[mx.array]:
-    """Per-pair rotation periods for `mx.fast.rope`, or None for plain RoPE.
+def inverse_frequencies(head_dim: int, theta: float, partial_rotary_factor: float) -> mx.array:
+    """The angle per position of each rotated pair (j, j + head_dim/2), computed
+    as `mx.fast.rope` does from its `base` (or, for p-RoPE, its `freqs`).
 
     Proportional RoPE keeps the exponent denominator at the full head_dim and
-    rotates only the first `factor * head_dim / 2` pairs; the rest get an infinite
-    period (angle 0), so they pass through. Pairs are (j, j + head_dim/2).
+    rotates only the first `factor * head_dim / 2` pairs; the rest get angle 0,
+    so they pass through.
     """
-    if partial_rotary_factor >= 1.0:
-        return None
-    rotated_pairs = int(partial_rotary_factor * head_dim / 2)
-    exponents = mx.arange(0, 2 * rotated_pairs, 2, dtype=mx.float32) / head_dim
-    periods = theta**exponents
-    still = mx.full((head_dim // 2 - rotated_pairs,), mx.inf, dtype=mx.float32)
-    return mx.concatenate([periods, still])
-
-
-def inverse_frequencies(head_dim: int, theta: float, periods: Optional[mx.array]) -> mx.array:
-    """The angle per position of each rotated pair, as `mx.fast.rope` computes
-    it (from `base`, or the reciprocal of `freqs`)."""
-    if periods is not None:
-        return mx.reciprocal(periods)
     half = head_dim // 2
-    return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(math.log(theta) / half, dtype=mx.float32))
+    if partial_rotary_factor >= 1.0:
+        return mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * mx.array(math.log(theta) / half, dtype=mx.float32))
+    rotated_pairs = int(partial_rotary_factor * head_dim / 2)
+    periods = theta ** (mx.arange(0, 2 * rotated_pairs, 2, dtype=mx.float32) / head_dim)
+    return mx.concatenate([mx.reciprocal(periods), mx.zeros((half - rotated_pairs,), dtype=mx.float32)])
 
 
 @partial(mx.compile, shapeless=True)
-def _scale_and_rotate(first: mx.array, second: mx.array, inverse_rms: mx.array, weight_first: mx.array,
-                      weight_second: mx.array, cos: mx.array, sin: mx.array) -> Tuple[mx.array, mx.array]:
-    a = first * inverse_rms * weight_first
-    b = second * inverse_rms * weight_second
-    return (a * cos - b * sin).astype(first.dtype), (b * cos + a * sin).astype(first.dtype)
+def _scale_and_rotate(heads: mx.array, partners: mx.array, scale: mx.array, weight: mx.array,
+                      partner_weight: mx.array, positions: mx.array, inverse_freqs: mx.array,
+                      sign: mx.array) -> mx.array:
+    # Heads as [..., 2, head_dim / 2]: element (0, j) rotates with its partner
+    # (1, j), which `partners` (the same heads, halves swapped, a view) holds,
+    # so the rotation is elementwise and its output comes out whole. `sign` is
+    # -1 on the first half: a * cos - b * sin and b * cos + a * sin, the float
+    # operations of `mx.fast.rope` in its order (bit-identical, tested).
+    angles = positions * inverse_freqs
+    return (heads * scale * weight * mx.cos(angles)
+            + partners * scale * partner_weight * (mx.sin(angles) * sign)).astype(heads.dtype)
 
 
-def cpu_norm_and_rotate(y: mx.array, weight: mx.array, rotated: int, plain_from: int, inverse_freqs: mx.array,
-                        offset: int, eps: float) -> Tuple[mx.array, mx.array]:
-    """The CPU route of norming heads `y` `[B, T, heads, head_dim]` (RMS, no
-    weight), scaling the first `rotated` by `weight` (`[rotated, head_dim]` or
-    `[head_dim]`) and rotating them (RoPE at positions `offset`, `offset + 1`,
-    ...). Returns those heads and the normed heads from `plain_from` on, each
-    `[B, heads, T, head_dim]`.
+_ROTATION_SIGN = mx.array([[-1.0], [1.0]])
+_ONE = mx.array(1.0)
 
-    MLX's CPU backend runs `mx.fast.rms_norm` and `mx.fast.rope` as chains of
-    primitives whose temporaries, allocated ahead of the compute, are alive at
-    once: about 2 copies of every head and 5 of the rotated ones. Here the sum
-    of squares is a product (no squared copy) and the scale and rotation are one
-    compiled kernel: the same float operations in the same order, bit-identical
-    results (tested). Measured on a 127-token prefill chunk of a 31B layer, the
-    Q|K|V projection, norms and rotation peak 38 / 48 MB (sliding / global) above
-    their input, against 58 / 75 MB with `mx.fast` (the projection alone: 20 /
-    22 MB). Whole 128-token prefills peak 64 MB (31B, 2 layers) and 16 MB (E2B,
-    10 layers) above the weights, against 88 and 23 MB; the same speed.
+
+def norm_and_rotate(y: mx.array, weight: mx.array, rotated: int, plain_from: int, inverse_freqs: mx.array,
+                    offset: int, eps: float) -> Tuple[mx.array, mx.array]:
+    """Norm heads `y` `[B, T, heads, head_dim]` (RMS, no weight), scale the
+    first `rotated` by `weight` (`[rotated, head_dim]` or `[head_dim]`) and
+    rotate them (RoPE at positions `offset`, `offset + 1`, ...). Returns those
+    heads and the normed heads from `plain_from` on, each `[B, heads, T, head_dim]`.
+
+    The weight and the rotation (with its angles) are one compiled kernel,
+    where a multiply and `mx.fast.rope` take two. On a GPU the norm is
+    `mx.fast.rms_norm`. MLX's CPU backend runs that as a chain of primitives
+    whose temporaries, allocated ahead of the compute, are alive at once (about
+    2 copies of every head): there the sum of squares is a product (no squared
+    copy) and the norm's scale goes into the compiled kernel, the same float
+    operations in the same order. Measured, 128-token prefills peak 50 MB (31B,
+    2 layers) and 13-14 MB (E2B, 10 layers) above the weights, against 88 and
+    23 MB with `mx.fast`'s CPU fallbacks, and 61 and 15-16 MB when the rotated
+    halves came out apart and were concatenated; the same speed.
     """
-    heads = y.transpose(0, 2, 1, 3)
-    # In float32 whatever the compute dtype, as MLX's norm does; the sum of
-    # squares as a product, which makes no squared copy of the heads.
-    squares = mx.einsum("bhtd,bhtd->bht", *[heads.astype(mx.float32)] * 2)[..., None]
-    inverse_rms = mx.rsqrt(squares / y.shape[-1] + eps)
-    half = y.shape[-1] // 2
-    positions = mx.arange(offset, offset + y.shape[1], dtype=mx.float32)
-    angles = positions[:, None] * inverse_freqs
-    weight = weight[:, None, :] if weight.ndim == 2 else weight
-    first, second = _scale_and_rotate(heads[:, :rotated, :, :half], heads[:, :rotated, :, half:],
-                                      inverse_rms[:, :rotated], weight[..., :half], weight[..., half:],
-                                      mx.cos(angles), mx.sin(angles))
-    plain = (heads[:, plain_from:] * inverse_rms[:, plain_from:]).astype(y.dtype)
-    return mx.concatenate([first, second], axis=-1), plain
+    B, T, heads, head_dim = y.shape
+    if precision.cpu_backend():
+        # In float32 whatever the compute dtype, as MLX's norm does.
+        squares = mx.einsum("bthd,bthd->bth", *[y.astype(mx.float32)] * 2)[..., None]
+        inverse_rms = mx.rsqrt(squares / head_dim + eps)
+        plain = (y[:, :, plain_from:] * inverse_rms[:, :, plain_from:]).astype(y.dtype)
+        scale = inverse_rms[:, :, :rotated, :, None]
+    else:
+        y = mx.fast.rms_norm(y, None, eps)
+        plain, scale = y[:, :, plain_from:], _ONE
+    halves = y.reshape(B, T, heads, 2, head_dim // 2)[:, :, :rotated]  # views, no copy
+    weight = weight.reshape(*weight.shape[:-1], 2, head_dim // 2)
+    positions = mx.array(list(range(offset, offset + T)), dtype=mx.float32).reshape(T, 1, 1, 1)
+    out = _scale_and_rotate(halves, halves[..., ::-1, :], scale, weight, weight[..., ::-1, :], positions,
+                            inverse_freqs, _ROTATION_SIGN)
+    return out.reshape(B, T, rotated, head_dim).transpose(0, 2, 1, 3), plain.transpose(0, 2, 1, 3)
 
 
 def quantized_attention(q: mx.array, k: QuantizedTensor, v: QuantizedTensor, mask: Mask,
@@ -195,18 +197,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
 
         rope = config.rope(layer)
-        self.rope_theta = rope.theta
-        self._rope_periods = rope_periods(self.head_dim, rope.theta, rope.partial_rotary_factor)
-        self._inverse_freqs = inverse_frequencies(self.head_dim, rope.theta, self._rope_periods)
+        self._inverse_freqs = inverse_frequencies(self.head_dim, rope.theta, rope.partial_rotary_factor)
         # Set at load time by `fusion.fuse`; None (trainable models): built per call.
         self._stacked_norm_weight: Optional[mx.array] = None
-
-    def _rope(self, x: mx.array, offset: int) -> mx.array:
-        if self._rope_periods is None:
-            return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta,
-                                scale=1.0, offset=offset)
-        return mx.fast.rope(x, self.head_dim, traditional=False, base=None, scale=1.0,
-                            offset=offset, freqs=self._rope_periods)
 
     def stacked_norm_weight(self) -> mx.array:
         """`[n_heads + n_kv_heads, head_dim]`: q_norm's weight for every query
@@ -219,9 +212,9 @@ class Attention(nn.Module):
         """Normed, rotated Q, K and V as `[B, heads, T, head_dim]`.
 
         Q|K|V heads come from one matmul (fused at load time, else concatenated)
-        and are normed together: one weightless rms_norm over every head (V's
-        norm has no weight), one multiply by the stacked q/k norm weights and one
-        rope over the Q|K heads, where separate norms and ropes take five kernels.
+        and are normed together (V's norm has no weight): one weightless norm over
+        every head, then one kernel scales the Q|K heads by the stacked q/k norm
+        weights and rotates them, where separate norms and ropes take five.
         """
         B, T, _ = x.shape
         if "qkv_proj" in self:
@@ -233,12 +226,7 @@ class Attention(nn.Module):
         weight = self.stacked_norm_weight() if self._stacked_norm_weight is None else self._stacked_norm_weight
         # K=V: no V heads, V is the un-weighted norm of the K heads.
         v_from = self.n_heads if y.shape[2] == qk_heads else qk_heads
-        if precision.cpu_backend():
-            qk, v = cpu_norm_and_rotate(y, weight, qk_heads, v_from, self._inverse_freqs, offset, self.eps)
-        else:
-            y = mx.fast.rms_norm(y, None, self.eps)
-            qk = self._rope((y[:, :, :qk_heads] * weight).transpose(0, 2, 1, 3), offset)
-            v = y[:, :, v_from:].transpose(0, 2, 1, 3)
+        qk, v = norm_and_rotate(y, weight, qk_heads, v_from, self._inverse_freqs, offset, self.eps)
         return qk[:, : self.n_heads], qk[:, self.n_heads:], v
 
     def __call__(
@@ -257,11 +245,8 @@ class Attention(nn.Module):
                 k, v = cache.update_and_fetch(k, v)
         else:
             q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim)
-            if precision.cpu_backend():
-                q, _ = cpu_norm_and_rotate(q, self.q_norm.weight, self.n_heads, self.n_heads, self._inverse_freqs,
-                                           offset, self.eps)
-            else:
-                q = self._rope(self.q_norm(q).transpose(0, 2, 1, 3), offset)
+            q, _ = norm_and_rotate(q, self.q_norm.weight, self.n_heads, self.n_heads, self._inverse_freqs, offset,
+                                   self.eps)
             k, v = shared_kv
 
         out = attend(q, k, v, mask)

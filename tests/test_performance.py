@@ -179,42 +179,77 @@ def _count_calls(monkeypatch, space, name) -> list:
     return calls
 
 
-def test_a_kv_owning_layer_norms_and_rotates_q_k_v_in_one_call_each(e2b, moe, monkeypatch):
-    monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route (the CPU one is below)
-    norms = _count_calls(monkeypatch, mx.fast, "rms_norm")
+def test_q_k_v_heads_take_one_norm_and_one_kernel_after_their_projection(e2b, moe, monkeypatch):
+    """GPU route: Q|K|V heads are normed by one weightless `rms_norm`, then one
+    compiled kernel scales the Q|K heads and rotates them (no `mx.fast.rope`, no
+    separate multiply); a KV-shared layer's queries take the same two."""
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)
+    norms = []
+    # A stand-in norm whose graph is one recognisable primitive (MLX's CPU norm is a chain).
+    monkeypatch.setattr(mx.fast, "rms_norm", lambda y, weight, eps: norms.append(weight) or mx.sqrt(y))
     ropes = _count_calls(monkeypatch, mx.fast, "rope")
+    views = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "Slice", "Split", "Flatten", "Unflatten"}
     for model in (e2b, moe):  # separate V projection, and K=V on the global layers
         for i, layer in enumerate(model.language_model.model.layers):
-            if not layer.self_attn.owns_kv:
-                continue
-            norms.clear(), ropes.clear()
+            attn = layer.self_attn
             x = mx.ones((1, 3, model.config.text_config.hidden_size))
-            layer.self_attn(x, "causal", 0)
-            assert (len(norms), len(ropes)) == (1, 1), i
+            mx.eval(x)
+            norms.clear()
+            if attn.owns_kv:
+                outputs = attn._queries_keys_values(x, 5)
+            else:
+                heads = (1, attn.n_kv_heads, 8, attn.head_dim)
+                outputs = attn(x, None, 5, shared_kv=(mx.zeros(heads), mx.zeros(heads)))[0]
+            assert norms == [None] and ropes == [], i
+            if attn.owns_kv:  # the projection, the norm, and one kernel for Q, K and V
+                kernels = [label for label in graph_labels(*outputs) if label not in views]
+                assert len(kernels) == 3 and {"Matmul", "Sqrt"} < set(kernels), (i, kernels)
+                assert sum(label.startswith("Compiled") for label in kernels) == 1, (i, kernels)
 
 
 @pytest.mark.parametrize("offset", [0, 21])
 @pytest.mark.parametrize("tokens", [1, 6])
-def test_cpu_norm_and_rotation_equal_mlx_fast_exactly(e2b, moe, tokens, offset, monkeypatch):
-    """The CPU route of Q/K/V's norms and RoPE (one compiled kernel instead of
-    MLX's CPU fallbacks of `mx.fast.rms_norm`/`rope`) gives the same bits as
-    `mx.fast`: K/V-owning and KV-shared layers, sliding and p-RoPE global, with
-    V heads and with K=V."""
+@pytest.mark.parametrize("cpu", [True, False])
+def test_norm_and_rotation_equal_mlx_fast_exactly(e2b, moe, tokens, offset, cpu, monkeypatch):
+    """Q/K/V's norms and RoPE (one compiled kernel for the weights and the
+    rotation; on the CPU, the norm's scale too) give the same bits as
+    `mx.fast.rms_norm` and `mx.fast.rope`: K/V-owning and KV-shared layers,
+    sliding and p-RoPE global, with V heads and with K=V."""
+    monkeypatch.setattr(precision, "cpu_backend", lambda: cpu)
     mx.random.seed(tokens + offset)
     for model in (e2b, moe):
+        text = model.config.text_config
         for i, layer in enumerate(model.language_model.model.layers):
-            x = mx.random.normal((1, tokens, model.config.text_config.hidden_size))
-            kv = None
-            if not layer.self_attn.owns_kv:  # a shared layer reads random K/V
-                heads = (1, layer.self_attn.n_kv_heads, offset + tokens, layer.self_attn.head_dim)
-                kv = mx.random.normal(heads), mx.random.normal(heads)
-            mx.eval(x, kv)
-            cpu = layer.self_attn(x, None, offset, shared_kv=kv)
-            with monkeypatch.context() as patch:
-                patch.setattr(precision, "cpu_backend", lambda: False)
-                fast = layer.self_attn(x, None, offset, shared_kv=kv)
-            for a, b in zip(tree_flatten(cpu), tree_flatten(fast)):
-                assert mx.array_equal(a[1], b[1]).item(), (i, a[0])
+            attn = layer.self_attn
+            x = mx.random.normal((1, tokens, text.hidden_size))
+            mx.eval(x)
+            rope = text.rope(i)
+            if rope.partial_rotary_factor < 1.0:  # p-RoPE: mx.fast.rope takes the periods
+                rotated = int(rope.partial_rotary_factor * attn.head_dim / 2)
+                periods = rope.theta ** (mx.arange(0, 2 * rotated, 2, dtype=mx.float32) / attn.head_dim)
+                freqs = mx.concatenate([periods, mx.full((attn.head_dim // 2 - rotated,), mx.inf)])
+                rotation = dict(base=None, freqs=freqs)
+            else:
+                rotation = dict(base=rope.theta)
+
+            def reference(heads, norm):
+                normed = mx.fast.rms_norm(heads, norm, attn.eps).transpose(0, 2, 1, 3)
+                return mx.fast.rope(normed, attn.head_dim, traditional=False, scale=1.0, offset=offset, **rotation)
+
+            if attn.owns_kv:
+                q, k, v = attn._queries_keys_values(x, offset)
+                y = (attn.qkv_proj(x)).reshape(1, tokens, -1, attn.head_dim)
+                expected_q = reference(y[:, :, :attn.n_heads], attn.q_norm.weight)
+                expected_k = reference(y[:, :, attn.n_heads:attn.n_heads + attn.n_kv_heads], attn.k_norm.weight)
+                v_heads = y[:, :, -attn.n_kv_heads:]  # the V heads, or with K=V the K heads
+                expected_v = mx.fast.rms_norm(v_heads, None, attn.eps).transpose(0, 2, 1, 3)
+                assert mx.array_equal(k, expected_k).item() and mx.array_equal(v, expected_v).item(), i
+            else:
+                q, _ = attention.norm_and_rotate(attn.q_proj(x).reshape(1, tokens, -1, attn.head_dim),
+                                                 attn.q_norm.weight, attn.n_heads, attn.n_heads, attn._inverse_freqs,
+                                                 offset, attn.eps)
+                expected_q = reference(attn.q_proj(x).reshape(1, tokens, -1, attn.head_dim), attn.q_norm.weight)
+            assert mx.array_equal(q, expected_q).item(), i
 
 
 def test_cpu_norm_and_rotation_keep_bfloat16_activations_bfloat16():
@@ -222,8 +257,7 @@ def test_cpu_norm_and_rotation_keep_bfloat16_activations_bfloat16():
     the heads come back in bfloat16, within its rounding of `mx.fast`'s."""
     y = (mx.random.normal((1, 7, 5, 64), key=mx.random.key(0)) * 3).astype(mx.bfloat16)
     weight = mx.random.normal((4, 64), key=mx.random.key(1)).astype(mx.bfloat16)
-    rotated, plain = attention.cpu_norm_and_rotate(y, weight, 4, 3, attention.inverse_frequencies(64, 1e4, None), 5,
-                                                   1e-6)
+    rotated, plain = attention.norm_and_rotate(y, weight, 4, 3, attention.inverse_frequencies(64, 1e4, 1.0), 5, 1e-6)
     normed = mx.fast.rms_norm(y, None, 1e-6)
     expected = mx.fast.rope((normed[:, :, :4] * weight).transpose(0, 2, 1, 3), 64, traditional=False, base=1e4,
                             scale=1.0, offset=5)
