@@ -244,10 +244,13 @@ def test_norm_and_rotation_equal_mlx_fast_exactly(e2b, moe, tokens, offset, cpu,
                 v_heads = y[:, :, -attn.n_kv_heads:]  # the V heads, or with K=V the K heads
                 expected_v = mx.fast.rms_norm(v_heads, None, attn.eps).transpose(0, 2, 1, 3)
                 assert mx.array_equal(k, expected_k).item() and mx.array_equal(v, expected_v).item(), i
-            else:
-                q, _ = attention.norm_and_rotate(attn.q_proj(x).reshape(1, tokens, -1, attn.head_dim),
-                                                 attn.q_norm.weight, attn.n_heads, attn.n_heads, attn._inverse_freqs,
-                                                 offset, attn.eps)
+            else:  # the queries the layer itself attends with, over zero K/V
+                queries = []
+                with monkeypatch.context() as patch:
+                    patch.setattr(attention, "attend", lambda q, k, v, mask: queries.append(q) or q)
+                    heads = (1, attn.n_kv_heads, offset + tokens, attn.head_dim)
+                    attn(x, None, offset, shared_kv=(mx.zeros(heads), mx.zeros(heads)))
+                q = queries[0]
                 expected_q = reference(attn.q_proj(x).reshape(1, tokens, -1, attn.head_dim), attn.q_norm.weight)
             assert mx.array_equal(q, expected_q).item(), i
 
