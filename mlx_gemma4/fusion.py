@@ -56,9 +56,10 @@ def fuse(model: nn.Module) -> None:
 
 def fuse_layers(layers: List[nn.Module]) -> None:
     """Fuse, in place, every decoder layer's Q/K/V (when the layer owns K/V),
-    the dense MLP's gate/up and the experts' gate/up projections, and store the
-    constants a step would otherwise rebuild from the loaded weights: the
-    stacked q/k norm weights and the router's scaled norm weight."""
+    the dense MLP's gate/up and the experts' gate/up projections, fold the
+    router's norm weight into its projection, and store the constants a step
+    would otherwise rebuild from the loaded weights: the stacked q/k norm
+    weights and an MoE layer's stacked feed-forward norm weights."""
     for layer in layers:
         attn = layer.self_attn
         if attn.owns_kv:
@@ -66,7 +67,8 @@ def fuse_layers(layers: List[nn.Module]) -> None:
             _fuse_into(attn, names, "qkv_proj")
             attn._stacked_norm_weight = attn.stacked_norm_weight()
         if "router" in layer:
-            layer.router._norm_weight = layer.router.norm_weight()
+            layer.router.fold_norm_weight()
+            layer._feed_forward_norm_weights = layer.feed_forward_norm_weights()
         _fuse_into(layer.mlp, ["gate_proj", "up_proj"], "gate_up_proj")
         if "experts" in layer:
             _fuse_into(layer.experts.switch_glu, ["gate_proj", "up_proj"], "gate_up_proj")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Tuple
 
 import mlx.core as mx
 
@@ -24,6 +25,31 @@ _K3 = _K1 * 0.044715
 def geglu(gate: mx.array, up: mx.array) -> mx.array:
     """`gelu_tanh(gate) * up` (the tanh approximation, as `nn.gelu_approx`)."""
     return (gate * up) * mx.sigmoid(gate * (_K3 * mx.square(gate) + _K1))
+
+
+@partial(mx.compile, shapeless=True)
+def weighted_geglu(gate: mx.array, up: mx.array, weight: mx.array, scale: mx.array) -> mx.array:
+    """`geglu(gate, up)` times `weight * scale` (cast to the gate's dtype): an
+    expert's routing weight and scale, applied before its down projection (which
+    is linear). The weight joins `up` first: a chain one op longer from the
+    `square` would pass MLX's fusion depth and split into two kernels."""
+    weighted_up = up * (weight * scale).astype(gate.dtype)
+    return (gate * weighted_up) * mx.sigmoid(gate * (_K3 * mx.square(gate) + _K1))
+
+
+@partial(mx.compile, shapeless=True)
+def add_and_widen(h: mx.array, x: mx.array) -> Tuple[mx.array, mx.array]:
+    """`h + x`, and the sum again in float32 (for a norm that runs in float32)."""
+    total = h + x
+    return total, total.astype(mx.float32)
+
+
+@partial(mx.compile, shapeless=True)
+def weigh_normed(normed: mx.array, weights: mx.array) -> mx.array:
+    """`normed` [..., H] times each of `weights` [k, 1, ..., H], in the weights'
+    dtype: `[k, ..., H]`, the outputs of k RMS norms of one input from one
+    weightless norm (one array, so one kernel: MLX fuses no sibling outputs)."""
+    return normed.astype(weights.dtype) * weights
 
 
 @partial(mx.compile, shapeless=True)

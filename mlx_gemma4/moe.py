@@ -17,7 +17,7 @@ import mlx.nn as nn
 
 from . import precision, streams
 from .config import TextConfig
-from .kernels import geglu
+from .kernels import geglu, weighted_geglu
 
 # Sorting tokens by expert makes the gathered weight reads contiguous; it pays
 # off once there are more (token, expert) pairs than a decode step has.
@@ -26,36 +26,55 @@ _SORT_THRESHOLD = 64
 
 class Router(nn.Module):
     """Picks `top_k_experts` per token and their weights, as transformers does:
-    softmax over all experts, top-k, renormalise, times a learned per-expert scale."""
+    softmax over all experts, top-k, renormalise, times a learned per-expert scale
+    (returned apart, so the experts apply it together with the weights)."""
 
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.eps = config.rms_norm_eps
         self.top_k = config.top_k_experts
         self.proj = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.scale = mx.ones((config.hidden_size,))
         self.per_expert_scale = mx.ones((config.num_experts,))
         self._input_scale = config.hidden_size**-0.5
-        # Set at load time by `fusion.fuse`; None (trainable models): built per call.
-        self._norm_weight: Optional[mx.array] = None
+        self._norm_in_proj = False  # see `fold_norm_weight`
 
     def norm_weight(self) -> mx.array:
-        """The norm's weight with the constant input scale folded in, in float32."""
+        """The weight of the router's norm of the residual stream, with the
+        constant input scale folded in, in float32."""
         return self.scale.astype(mx.float32) * self._input_scale
 
-    def __call__(self, h: mx.array) -> Tuple[mx.array, mx.array]:
-        # Routing is discontinuous: in bfloat16 near-tied experts flip. The router
-        # is tiny, so it runs in float32 whatever the model dtype (the loader keeps
-        # its weights in float32, so these casts are no-ops on the CPU).
-        weight = self.norm_weight() if self._norm_weight is None else self._norm_weight
-        z = mx.fast.rms_norm(h.astype(mx.float32), weight, self.eps)
+    def fold_norm_weight(self) -> None:
+        """Fold the norm's weight into the projection's columns (load time): a
+        multiply fewer per step, the product rounded once in float32. A
+        quantized projection (not one of ours: the converter keeps the router
+        in float) keeps the multiply."""
+        if "scales" in self.proj:
+            return
+        self.proj.weight = self.proj.weight.astype(mx.float32) * self.norm_weight()
+        self._norm_in_proj = True
+
+    def __call__(self, normed: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+        """`normed`: the residual stream RMS-normed without a weight, in float32.
+        Routing is discontinuous: in bfloat16 near-tied experts flip. The router
+        is tiny, so it runs in float32 whatever the model dtype (the loader keeps
+        its weights in float32). Returns the chosen experts, their softmax
+        weights and their per-expert scales, each `[..., top_k]`."""
+        z = normed if self._norm_in_proj else normed * self.norm_weight()
         logits = self.proj(z).astype(mx.float32)
         # Top-k of the logits is the top-k of the softmax; renormalising the
         # softmax over the chosen k equals a softmax over their logits.
         # Integer choices carry no gradient (training would otherwise ask the gathers for one).
         experts = mx.stop_gradient(mx.argpartition(logits, kth=-self.top_k, axis=-1)[..., -self.top_k:])
         weights = mx.softmax(mx.take_along_axis(logits, experts, axis=-1), axis=-1)
-        return experts, weights * self.per_expert_scale[experts]
+        return experts, weights, self.per_expert_scale[experts]
+
+
+@lru_cache(maxsize=8)
+def _ones(k: int, dtype: mx.Dtype) -> mx.array:
+    """`[1, k]` ones: the row that sums `k` expert outputs in one matmul."""
+    ones = mx.ones((1, k), dtype)
+    mx.eval(ones)
+    return ones
 
 
 @lru_cache(maxsize=32)
@@ -173,19 +192,21 @@ class ExpertGLU(nn.Module):
         self.up_proj = ExpertLinear(hidden_size, intermediate_size, num_experts)
         self.down_proj = ExpertLinear(intermediate_size, hidden_size, num_experts)
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """`x` [..., H], `indices` [..., k] → [..., k, H]."""
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array, scales: mx.array) -> mx.array:
+        """`x` [..., H]; `indices`, their routing `weights` and per-expert `scales`
+        [..., k] → [..., k, H], each expert's output times its weight and scale."""
         shape = indices.shape
         x = mx.expand_dims(x, (-2, -3))  # [..., 1, 1, H]: one row per token
         sort = indices.size >= _SORT_THRESHOLD
         if sort:
             order, tokens, indices = _sort_by_expert(indices)
             x = x.flatten(0, -3)[tokens]
+            weights, scales = weights.flatten()[order], scales.flatten()[order]
         if "gate_up_proj" in self:  # fused at load time (see `fusion`)
             gate, up = mx.split(self.gate_up_proj(x, indices, sort), 2, axis=-1)
         else:
             gate, up = self.gate_proj(x, indices, sort), self.up_proj(x, indices, sort)
-        h = geglu(gate, up)
+        h = weighted_geglu(gate, up, weights[..., None, None], scales[..., None, None])
         y = self.down_proj(h, indices, sort)
         if sort:
             y = mx.unflatten(y[mx.argsort(order)], 0, shape)
@@ -213,15 +234,17 @@ class Experts(nn.Module):
         for proj in self.switch_glu.children().values():
             proj.weight = proj.weight.astype(mx.float32)
 
-    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, scales: mx.array) -> mx.array:
+        """The experts' output for `x` [..., H]: the sum over the `experts` [..., k]
+        the router chose of each one's output times its routing weight and scale."""
         if self.quantized and precision.cpu_backend() and experts.size >= _SORT_THRESHOLD:
-            return self.cpu_prefill(x, experts, weights)
+            return self.cpu_prefill(x, experts, weights * scales)
         dtype = x.dtype
         if not self.quantized:
             x = x.astype(self.switch_glu.down_proj.weight.dtype)
-        y = self.switch_glu(x, experts)
-        # The weighted sum over the k experts as one [1, k] @ [k, H] product.
-        return (weights[..., None, :].astype(y.dtype) @ y).squeeze(-2).astype(dtype)
+        y = self.switch_glu(x, experts, weights, scales)
+        # The sum over the k experts as one [1, k] @ [k, H] product (accumulated in float32).
+        return (_ones(experts.shape[-1], y.dtype) @ y).squeeze(-2).astype(dtype)
 
     def cpu_prefill(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
         """The quantized experts of many tokens on the CPU: the (token, expert)

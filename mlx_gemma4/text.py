@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -11,7 +11,7 @@ from . import ple
 from .attention import Attention
 from .cache import DEFAULT_QUANTIZED_KV_START, attention_masks, cache_offset, make_cache
 from .config import TextConfig
-from .kernels import add_scale, softcap
+from .kernels import add_and_widen, add_scale, softcap, weigh_normed
 from .mlp import MLP
 from .moe import Experts, Router
 
@@ -36,25 +36,47 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
             self.post_feedforward_layernorm_1 = nn.RMSNorm(hidden, eps=eps)
             self.post_feedforward_layernorm_2 = nn.RMSNorm(hidden, eps=eps)
+            # Set at load time by `fusion.fuse`; None (trainable models): built per call.
+            self._feed_forward_norm_weights: Optional[mx.array] = None
         self.has_ple = bool(config.hidden_size_per_layer_input)
         if self.has_ple:
             ple.add_layer_weights(self, config)
 
     def __call__(self, h, mask, offset, cache=None, shared_kv=None, per_layer_input=None):
         a, kv = self.self_attn(self.input_layernorm(h), mask, offset, cache, shared_kv)
-        h = h + self.post_attention_layernorm(a)
-
-        f = self.mlp(self.pre_feedforward_layernorm(h))
         if "router" in self:
-            # The router reads the residual stream itself, not the normed input.
-            experts, weights = self.router(h)
-            e = self.experts(self.pre_feedforward_layernorm_2(h), experts, weights)
-            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(e)
+            h, h32 = add_and_widen(h, self.post_attention_layernorm(a))
+            dense_input, experts_input, normed = self.feed_forward_inputs(h32)
+            e = self.experts(experts_input, *self.router(normed))
+            f = self.post_feedforward_layernorm_1(self.mlp(dense_input)) + self.post_feedforward_layernorm_2(e)
+        else:
+            h = h + self.post_attention_layernorm(a)
+            f = self.mlp(self.pre_feedforward_layernorm(h))
         f = self.post_feedforward_layernorm(f)
         if self.has_ple:
             h = h + f
             f = ple.layer_input_term(self, h, per_layer_input)
         return add_scale(h, f, self.layer_scalar), kv
+
+    def feed_forward_norm_weights(self) -> mx.array:
+        """`[2, 1, 1, hidden]`: the weights of an MoE layer's two feed-forward
+        input norms, the dense MLP's then the experts' (`fusion.fuse` stores it)."""
+        if self._feed_forward_norm_weights is not None:
+            return self._feed_forward_norm_weights
+        weights = [self.pre_feedforward_layernorm.weight, self.pre_feedforward_layernorm_2.weight]
+        return mx.stack(weights)[:, None, None]
+
+    def feed_forward_inputs(self, h32: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+        """An MoE layer's three RMS norms of the residual stream `h32` (float32):
+        the dense MLP's and the experts' inputs, then the router's without its
+        weight, in float32 (the router applies it). One weightless norm and one
+        kernel for both weights, where the three norms took three kernels and the
+        float32 cast a fourth; the outputs equal the norms' own, as the norm
+        kernel also rounds to the output dtype before the weight."""
+        normed = mx.fast.rms_norm(h32, None, self.pre_feedforward_layernorm.eps)
+        # Views of the one output (an integer index would gather a copy).
+        dense, experts = (x.squeeze(0) for x in mx.split(weigh_normed(normed, self.feed_forward_norm_weights()), 2))
+        return dense, experts, normed
 
 
 class TextModel(nn.Module):

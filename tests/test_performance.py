@@ -12,16 +12,21 @@ import numpy as np
 import pytest
 
 import mlx_gemma4
-from mlx_gemma4 import attention
+from mlx_gemma4 import attention, loader
 from mlx_gemma4 import moe as moe_module
 from mlx_gemma4 import precision
 from mlx_gemma4 import streams as streams_module
 from mlx_gemma4.cache import attention_masks
+from mlx_gemma4.kernels import add_and_widen
 from mlx_gemma4.loader import load_model
 from test_text_parity import greedy_mlx
 
 PACKAGE = Path(mlx_gemma4.__file__).parent
 LAYER_MODULES = ("attention.py", "mlp.py", "moe.py", "ple.py", "text.py", "kernels.py", "fusion.py", "cache.py")
+
+
+# Primitives that are views of their input (no kernel on Metal).
+VIEWS = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "Slice", "Split", "Flatten", "Unflatten"}
 
 
 def graph_labels(*outputs) -> list:
@@ -118,8 +123,8 @@ def test_experts_run_as_batched_gathers_without_a_python_loop(moe):
     layer = moe.language_model.model.layers[0]
     assert "gate_up_proj" in layer.experts.switch_glu
     h = mx.ones((1, 3, moe.config.text_config.hidden_size))
-    experts, weights = layer.router(h)
-    labels = graph_labels(layer.experts(h, experts, weights))
+    routing = layer.router(h)
+    labels = graph_labels(layer.experts(h, *routing))
     gathers = [label for label in labels if label.startswith("Gather") and label.endswith("MM")]
     assert len(gathers) == 2  # fused gate/up, then down: one each for all tokens and experts
     source = (PACKAGE / "moe.py").read_text()
@@ -188,7 +193,6 @@ def test_q_k_v_heads_take_one_norm_and_one_kernel_after_their_projection(e2b, mo
     # A stand-in norm whose graph is one recognisable primitive (MLX's CPU norm is a chain).
     monkeypatch.setattr(mx.fast, "rms_norm", lambda y, weight, eps: norms.append(weight) or mx.sqrt(y))
     ropes = _count_calls(monkeypatch, mx.fast, "rope")
-    views = {"Broadcast", "Reshape", "ExpandDims", "Squeeze", "Transpose", "Slice", "Split", "Flatten", "Unflatten"}
     for model in (e2b, moe):  # separate V projection, and K=V on the global layers
         for i, layer in enumerate(model.language_model.model.layers):
             attn = layer.self_attn
@@ -202,7 +206,7 @@ def test_q_k_v_heads_take_one_norm_and_one_kernel_after_their_projection(e2b, mo
                 outputs = attn(x, None, 5, shared_kv=(mx.zeros(heads), mx.zeros(heads)))[0]
             assert norms == [None] and ropes == [], i
             if attn.owns_kv:  # the projection, the norm, and one kernel for Q, K and V
-                kernels = [label for label in graph_labels(*outputs) if label not in views]
+                kernels = [label for label in graph_labels(*outputs) if label not in VIEWS]
                 assert len(kernels) == 3 and {"Matmul", "Sqrt"} < set(kernels), (i, kernels)
                 assert sum(label.startswith("Compiled") for label in kernels) == 1, (i, kernels)
 
@@ -269,34 +273,80 @@ def test_cpu_norm_and_rotation_keep_bfloat16_activations_bfloat16():
     assert mx.allclose(plain, normed[:, :, 3:].transpose(0, 2, 1, 3), rtol=1e-2, atol=1e-2).item()
 
 
-def test_load_time_constants_change_nothing(moe, e2b):
-    """The stacked q/k norm weights and the router's scaled norm weight stored by
-    `fuse` give the same logits as rebuilding them every call (the trainable path)."""
+def test_moe_layer_norms_its_residual_once_and_routes_in_one_kernel_each(moe, monkeypatch):
+    """An MoE layer's three norms of the residual stream (dense MLP, experts,
+    router) are one weightless norm of the float32 sum that the residual add
+    also writes, and one kernel for the two weights; the routing weights and
+    per-expert scales enter the experts' GeGLU kernel, and one matmul sums the
+    experts (no separate multiply or cast)."""
+    layer = moe.language_model.model.layers[0]
+    hidden = moe.config.text_config.hidden_size
+    h, a = (mx.random.normal((1, 1, hidden)).astype(mx.bfloat16) for _ in range(2))
+    mx.eval(h, a)
+    norms = []
+    monkeypatch.setattr(mx.fast, "rms_norm", lambda y, weight, eps: norms.append(weight) or mx.sqrt(y))
+    h, h32 = add_and_widen(h, a)
+    dense, experts_input, normed = layer.feed_forward_inputs(h32)
+    assert norms == [None]
+    kernels = [label for label in graph_labels(dense, experts_input) if label not in VIEWS]
+    assert len(kernels) == 3 and kernels[1] == "Sqrt", kernels
+    assert kernels[0].startswith("Compiled") and "AddAsType" in kernels[0] and kernels[2].startswith("Compiled")
+    assert h.dtype == mx.bfloat16 and h32.dtype == mx.float32
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route
+    routing = layer.router(normed)
+    mx.eval(routing, experts_input)
+    kernels = [label for label in graph_labels(layer.experts(experts_input, *routing)) if label not in VIEWS]
+    assert [k for k in kernels if not k.startswith("Compiled")] == ["GatherMM", "GatherMM", "Matmul"], kernels
+    assert sum(k.startswith("Compiled") for k in kernels) == 1, kernels
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_moe_layer_inputs_equal_their_own_norms_exactly(moe, dtype, monkeypatch):
+    """Each of the three inputs has the bits of its own `mx.fast.rms_norm`
+    (the router's in float32, with its weight folded into its projection)."""
+    layer = moe.language_model.model.layers[0]
+    for name in ("pre_feedforward_layernorm", "pre_feedforward_layernorm_2"):
+        monkeypatch.setitem(layer[name], "weight", layer[name].weight.astype(dtype))
+    stacked = mx.stack([layer.pre_feedforward_layernorm.weight, layer.pre_feedforward_layernorm_2.weight])
+    monkeypatch.setitem(layer, "_feed_forward_norm_weights", stacked[:, None, None])
+    h = mx.random.normal((1, 4, moe.config.text_config.hidden_size)).astype(dtype)
+    dense, experts_input, normed = layer.feed_forward_inputs(h.astype(mx.float32))
+    eps = layer.pre_feedforward_layernorm.eps
+    assert dense.dtype == dtype and mx.array_equal(dense, mx.fast.rms_norm(h, layer.pre_feedforward_layernorm.weight, eps))
+    assert mx.array_equal(experts_input, mx.fast.rms_norm(h, layer.pre_feedforward_layernorm_2.weight, eps))
+    router = layer.router
+    z = mx.fast.rms_norm(h.astype(mx.float32), router.norm_weight(), eps)
+    np.testing.assert_allclose(np.array(router.proj(normed)), np.array(z @ (router.proj.weight / router.norm_weight()).T),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_load_time_fusion_changes_nothing(tiny_checkpoint, monkeypatch):
+    """What `fuse` does at load time (fused projections, the stacked norm weights
+    it stores, the router's norm weight folded into its projection) gives the
+    logits of the model as loaded, whose layers rebuild them every call."""
     ids = mx.array([[5, 9, 14, 3, 8, 21]])
-    for model in (e2b, moe):
-        stored = model.language_model(ids)
-        layers = model.language_model.model.layers
-        saved = [(l.self_attn._stacked_norm_weight, l["router"]._norm_weight if "router" in l else None)
-                 for l in layers]
-        for l in layers:
-            l.self_attn._stacked_norm_weight = None
-            if "router" in l:
-                l.router._norm_weight = None
-        rebuilt = model.language_model(ids)
-        for l, (attn_weight, router_weight) in zip(layers, saved):
-            l.self_attn._stacked_norm_weight = attn_weight
-            if "router" in l:
-                l.router._norm_weight = router_weight
-        assert mx.array_equal(stored, rebuilt)
-    assert all(l.self_attn._stacked_norm_weight is not None for l in layers if l.self_attn.owns_kv)
+    for variant in ("e2b", "26b"):
+        folder = tiny_checkpoint(variant, with_towers=False)
+        fused = load_model(folder)
+        with monkeypatch.context() as patch:
+            patch.setattr(loader, "fuse", lambda model: None)
+            plain = load_model(folder)
+        layers = [model.language_model.model.layers[0] for model in (fused, plain)]
+        assert "qkv_proj" in layers[0].self_attn and "qkv_proj" not in layers[1].self_attn
+        if variant == "26b":
+            assert layers[0]._feed_forward_norm_weights is not None and layers[1]._feed_forward_norm_weights is None
+            assert not mx.array_equal(layers[0].router.proj.weight, layers[1].router.proj.weight)
+        # The router's folded weight is rounded once in float32, so not bit-equal.
+        np.testing.assert_allclose(np.array(fused.language_model(ids)), np.array(plain.language_model(ids)),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_expert_gathers_build_no_index_arrays_per_step(moe):
     layer = moe.language_model.model.layers[0]
     h = mx.ones((1, 1, moe.config.text_config.hidden_size))
-    experts, weights = layer.router(h)
-    mx.eval(experts, weights)
-    labels = graph_labels(layer.experts(h, experts, weights))
+    routing = layer.router(h)
+    mx.eval(routing)
+    labels = graph_labels(layer.experts(h, *routing))
     assert "Arange" not in labels
 
 
@@ -324,12 +374,12 @@ def test_sorted_expert_gathers_leave_the_row_indices_to_mlx(moe, moe_4bit, quant
     layer = model.language_model.model.layers[0]
     for tokens, sort in [(1, False), (moe_module._SORT_THRESHOLD, True)]:
         h = mx.random.normal((1, tokens, model.config.text_config.hidden_size))
-        experts, weights = layer.router(h)
-        on_cpu = layer.experts(h, experts, weights)
+        routing = layer.router(h)
+        on_cpu = layer.experts(h, *routing)
         calls.clear()
         with monkeypatch.context() as patch:
             patch.setattr(precision, "cpu_backend", lambda: False)  # the GPU route
-            on_gpu = layer.experts(h, experts, weights)
+            on_gpu = layer.experts(h, *routing)
         assert len(calls) == 2
         assert all(call["sorted_indices"] == sort and (call["lhs_indices"] is None) == sort for call in calls)
         np.testing.assert_allclose(np.array(on_gpu), np.array(on_cpu), rtol=1e-5, atol=1e-5)
@@ -516,13 +566,13 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit
     # Many tokens: each stream gathers its run of the rows sorted by expert and adds them up at their tokens.
     layer = moe_4bit.language_model.model.layers[0]
     h = mx.random.normal((1, moe_module._SORT_THRESHOLD, moe_4bit.config.text_config.hidden_size))
-    chosen, weights = layer.router(h)
-    labels = graph_labels(layer.experts(h, chosen, weights))
+    routing = layer.router(h)
+    labels = graph_labels(layer.experts(h, *routing))
     assert labels.count("GatherQMM") == 2 * len(streams) and labels.count("Scatter Sum") == len(streams)
-    on_cpu = layer.experts(h, chosen, weights)
+    on_cpu = layer.experts(h, *routing)
     with monkeypatch.context() as patch:
         patch.setattr(precision, "cpu_backend", lambda: False)  # one gather per projection
-        np.testing.assert_allclose(np.array(layer.experts(h, chosen, weights)), np.array(on_cpu), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.array(layer.experts(h, *routing)), np.array(on_cpu), rtol=1e-5, atol=1e-5)
     # Gate and up left unfused (as when their quantization differs) take the same route.
     glu = layer.experts.switch_glu
     fused, width = glu.gate_up_proj, glu.gate_up_proj.weight.shape[1] // 2
@@ -533,8 +583,8 @@ def test_cpu_products_are_shared_out_over_one_stream_per_core(e2b_4bit, moe_4bit
     try:
         delattr(glu, "gate_up_proj")
         glu.gate_proj, glu.up_proj = halves
-        assert graph_labels(layer.experts(h, chosen, weights)).count("GatherQMM") == 3 * len(streams)
-        np.testing.assert_allclose(np.array(layer.experts(h, chosen, weights)), np.array(on_cpu), rtol=1e-5, atol=1e-5)
+        assert graph_labels(layer.experts(h, *routing)).count("GatherQMM") == 3 * len(streams)
+        np.testing.assert_allclose(np.array(layer.experts(h, *routing)), np.array(on_cpu), rtol=1e-5, atol=1e-5)
     finally:
         delattr(glu, "gate_proj"), delattr(glu, "up_proj")
         glu.gate_up_proj = fused
@@ -641,16 +691,14 @@ def test_cpu_float_products_are_shared_out_over_the_streams(e2b, tiny_checkpoint
         assert mx.allclose(out, reference, rtol=1e-6, atol=1e-6)
 
 
-def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_checkpoint):
-    """Without the constants `fuse` stores (models built by hand, as in
-    benchmarks/train_small.py), they are rebuilt every call, so gradients reach
-    the q/k norm weights and the router's scale."""
+def test_models_without_load_time_fusion_train_the_weights_behind_it(tiny_checkpoint, monkeypatch):
+    """Without `fuse` (models built by hand, as in benchmarks/train_small.py),
+    the stacked and folded weights are rebuilt every call, so gradients reach
+    the q/k norm weights, the feed-forward norms and the router's scale."""
     import mlx.nn as nn
 
+    monkeypatch.setattr(loader, "fuse", lambda model: None)
     model = load_model(tiny_checkpoint("26b", with_towers=False)).language_model
-    for layer in model.model.layers:
-        layer.self_attn._stacked_norm_weight = None
-        layer.router._norm_weight = None
     ids = mx.array([[3, 7, 11, 5]])
 
     def loss(m):
@@ -658,7 +706,8 @@ def test_models_without_load_time_constants_train_the_weights_behind_them(tiny_c
 
     _, grads = nn.value_and_grad(model, loss)(model)
     layer = grads["model"]["layers"][0]
-    for g in (layer["self_attn"]["q_norm"]["weight"], layer["self_attn"]["k_norm"]["weight"], layer["router"]["scale"]):
+    for g in (layer["self_attn"]["q_norm"]["weight"], layer["self_attn"]["k_norm"]["weight"], layer["router"]["scale"],
+              layer["pre_feedforward_layernorm"]["weight"], layer["pre_feedforward_layernorm_2"]["weight"]):
         assert mx.abs(g).max().item() > 0
 
 
