@@ -44,6 +44,7 @@ from mlx_gemma4 import precision  # noqa: E402
 from mlx_gemma4.config import ModelConfig  # noqa: E402
 from mlx_gemma4.fusion import fuse  # noqa: E402
 from mlx_gemma4.model import Model  # noqa: E402
+from mlx_gemma4.quantized import use_cpu_routes  # noqa: E402
 
 LAYERS = {"e2b": 7, "26b-a4b": 2, "31b": 2}
 CONTEXT = 64  # tokens in the cache when the step is built
@@ -66,6 +67,7 @@ def ours(text: dict) -> nn.Module:
     model = Model(ModelConfig.from_dict({"model_type": "gemma4", "text_config": text,
                                          "vision_config": None, "audio_config": None}))
     nn.quantize(model, group_size=GROUP, bits=BITS, class_predicate=_quantizable)
+    use_cpu_routes(model)  # the loader's layer classes (on a GPU they add no op)
     # As the loader does: the stored bfloat16, then the device policy's casts.
     model.set_dtype(mx.bfloat16)
     params = precision.cast_weights(dict(tree_flatten(model.parameters())), mx.bfloat16, text["tie_word_embeddings"])

@@ -14,6 +14,7 @@ from .config import TextConfig
 from .kernels import add_and_widen, add_scale, softcap, weigh_normed
 from .mlp import MLP
 from .moe import Experts, Router
+from .quantized import QuantizedEmbedding
 
 
 class DecoderLayer(nn.Module):
@@ -100,9 +101,12 @@ class TextModel(nn.Module):
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """Scaled token embeddings, `embed_tokens[ids] * sqrt(hidden_size)`."""
-        x = self.lookup(self.embed_tokens, input_ids)
+        scale = self.config.hidden_size**0.5
         # The scale is rounded to the embedding dtype first, as transformers does.
-        return x * mx.array(self.config.hidden_size**0.5, dtype=x.dtype)
+        if self.compute_dtype is not None and isinstance(self.embed_tokens, QuantizedEmbedding):
+            return self.embed_tokens.scaled_rows(input_ids, mx.array(scale, dtype=self.compute_dtype))
+        x = self.lookup(self.embed_tokens, input_ids)
+        return x * mx.array(scale, dtype=x.dtype)
 
     def __call__(
         self,

@@ -320,6 +320,31 @@ def test_moe_layer_inputs_equal_their_own_norms_exactly(moe, dtype, monkeypatch)
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_quantized_embedding_rows_take_one_kernel_and_equal_dequantize_exactly(bits, dtype, monkeypatch):
+    """GPU route: a token's embedding is unpacked, scaled by sqrt(hidden) and
+    cast in one kernel after the row gathers, with the bits of `mx.dequantize`
+    and a multiply, into the table's dtype and into float32."""
+    import mlx.nn as nn
+    from mlx_gemma4 import quantized
+
+    monkeypatch.setattr(precision, "cpu_backend", lambda: False)
+    table = nn.Embedding(300, 256)
+    table.weight = mx.random.normal((300, 256)).astype(dtype)
+    table = nn.QuantizedEmbedding.from_embedding(table, group_size=64, bits=bits)
+    table.__class__ = quantized.QuantizedEmbedding
+    ids = mx.array([[3, 299, 0, 17]])
+    mx.eval(table.parameters(), ids)
+    for out_dtype in (dtype, mx.float32):
+        scale = mx.array(5376**0.5, dtype=out_dtype)  # not a power of two: its roundings show
+        rows = table.scaled_rows(ids, scale)
+        kernels = [label for label in graph_labels(rows) if label not in VIEWS]
+        assert kernels.count("Gather") == 3 and len(kernels) == 4 and kernels[-1].startswith("Compiled"), kernels
+        expected = nn.QuantizedEmbedding.__call__(table, ids).astype(out_dtype) * scale
+        assert rows.dtype == out_dtype and rows.shape == (1, 4, 256) and mx.array_equal(rows, expected)
+
+
 def test_load_time_fusion_changes_nothing(tiny_checkpoint, monkeypatch):
     """What `fuse` does at load time (fused projections, the stacked norm weights
     it stores, the router's norm weight folded into its projection) gives the
