@@ -204,6 +204,8 @@ class Attention(nn.Module):
     def stacked_norm_weight(self) -> mx.array:
         """`[n_heads + n_kv_heads, head_dim]`: q_norm's weight for every query
         head, then k_norm's for every key head (fusion.fuse stores it)."""
+        if self._stacked_norm_weight is not None:
+            return self._stacked_norm_weight
         shape = (self.n_heads, self.head_dim), (self.n_kv_heads, self.head_dim)
         return mx.concatenate([mx.broadcast_to(self.q_norm.weight, shape[0]),
                                mx.broadcast_to(self.k_norm.weight, shape[1])])
@@ -223,7 +225,7 @@ class Attention(nn.Module):
             y = mx.concatenate([self[n](x) for n in ("q_proj", "k_proj", "v_proj") if n in self], axis=-1)
         y = y.reshape(B, T, -1, self.head_dim)
         qk_heads = self.n_heads + self.n_kv_heads
-        weight = self.stacked_norm_weight() if self._stacked_norm_weight is None else self._stacked_norm_weight
+        weight = self.stacked_norm_weight()
         # K=V: no V heads, V is the un-weighted norm of the K heads.
         v_from = self.n_heads if y.shape[2] == qk_heads else qk_heads
         qk, v = norm_and_rotate(y, weight, qk_heads, v_from, self._inverse_freqs, offset, self.eps)

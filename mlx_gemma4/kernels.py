@@ -21,10 +21,15 @@ _K1 = 2 * math.sqrt(2 / math.pi)
 _K3 = _K1 * 0.044715
 
 
+def _gelu_over_gate(gate: mx.array) -> mx.array:
+    """`gelu_tanh(gate) / gate`, traced into the compiled kernels below."""
+    return mx.sigmoid(gate * (_K3 * mx.square(gate) + _K1))
+
+
 @partial(mx.compile, shapeless=True)
 def geglu(gate: mx.array, up: mx.array) -> mx.array:
     """`gelu_tanh(gate) * up` (the tanh approximation, as `nn.gelu_approx`)."""
-    return (gate * up) * mx.sigmoid(gate * (_K3 * mx.square(gate) + _K1))
+    return (gate * up) * _gelu_over_gate(gate)
 
 
 @partial(mx.compile, shapeless=True)
@@ -34,7 +39,7 @@ def weighted_geglu(gate: mx.array, up: mx.array, weight: mx.array, scale: mx.arr
     is linear). The weight joins `up` first: a chain one op longer from the
     `square` would pass MLX's fusion depth and split into two kernels."""
     weighted_up = up * (weight * scale).astype(gate.dtype)
-    return (gate * weighted_up) * mx.sigmoid(gate * (_K3 * mx.square(gate) + _K1))
+    return (gate * weighted_up) * _gelu_over_gate(gate)
 
 
 @partial(mx.compile, shapeless=True)
