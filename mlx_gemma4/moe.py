@@ -9,7 +9,7 @@ are a few lines of `mx.gather_mm` / `mx.gather_qmm`, so they live here.
 from __future__ import annotations
 
 import math
-from functools import lru_cache, reduce
+from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
@@ -22,6 +22,13 @@ from .kernels import geglu, weighted_geglu
 # Sorting tokens by expert makes the gathered weight reads contiguous; it pays
 # off once there are more (token, expert) pairs than a decode step has.
 _SORT_THRESHOLD = 64
+
+# The scales and biases a block of output columns casts in a CPU prefill (see
+# `Experts.cpu_prefill`). Measured, one 26B-A4B layer's experts (0.5 MB: 64
+# blocks per projection), peak above their input: 14 MB for 128 tokens and
+# 31-36 MB for 512, against 111 and 173-179 MB with whole stacks cast, at the
+# same speed (3.1 and 12.2-12.5 s); 1 MB: 23 and 46-51 MB.
+_CAST_BLOCK_BYTES = 1 << 19
 
 
 class Router(nn.Module):
@@ -152,20 +159,33 @@ class QuantizedExpertLinear(nn.Module):
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
 
-    def cast_quantization(self, dtype: mx.Dtype) -> List[mx.array]:
-        """The scales (and biases) in `dtype`, for `gather_rows` (the integer
-        exponents of the microscaling modes stay as they are)."""
-        arrays = [self[name] for name in ("scales", "biases") if name in self]
-        return [a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a for a in arrays]
+    def column_blocks(self, width: int, dtype: mx.Dtype, lanes: Tuple[Optional[mx.Stream], ...]
+                      ) -> List[Tuple[Optional[mx.Stream], int, int]]:
+        """The first `width` output columns cut into blocks whose scales and
+        biases take about `_CAST_BLOCK_BYTES` in `dtype`, dealt out to the CPU
+        streams `lanes` in turn: (stream, start, stop) each."""
+        cast = [a for a in (self.scales, self.get("biases")) if a is not None and mx.issubdtype(a.dtype, mx.floating)]
+        per_column = sum(a.shape[0] * a.shape[-1] for a in cast) * dtype.size
+        blocks = math.ceil(width / max(1, _CAST_BLOCK_BYTES // per_column)) if per_column else 1
+        bounds = [0, *streams.split_points(width, blocks), width]
+        return [(lanes[i % len(lanes)], start, stop) for i, (start, stop) in enumerate(zip(bounds, bounds[1:]))]
 
-    def gather_rows(self, x: mx.array, rows: mx.array, experts: mx.array, quantization: List[mx.array],
-                    stream: Optional[mx.Stream]) -> mx.array:
-        """Row `rows[i]` of `x` through expert `experts[i]`, with the scales (and
-        biases) `quantization` already in `x`'s dtype (MLX's CPU gather casts
-        them whole in every call otherwise)."""
-        scales, biases = quantization[0], quantization[1] if len(quantization) > 1 else None
-        return mx.gather_qmm(x, self.weight, scales, biases, lhs_indices=rows, rhs_indices=experts, transpose=True,
-                             group_size=self.group_size, bits=self.bits, mode=self.mode, stream=stream)
+    def gather_columns(self, x: mx.array, rows: mx.array, experts: mx.array, columns: slice) -> mx.array:
+        """Output `columns` of row `rows[i]` of `x` through expert `experts[i]`.
+        MLX's CPU gather casts the scales (and biases) it is given to `x`'s
+        dtype, whole stacks in every call: only these columns' are cast here
+        (the integer exponents of the microscaling modes stay as they are)."""
+        quantization = [a[:, columns] for a in (self.scales, self.get("biases")) if a is not None]
+        # Cast once `x` exists, not ahead of it (measured on the 4-layer 26B-A4B
+        # benchmark's 128-token prefill: peak 33-37 against 39-40 MB).
+        scales, *biases = mx.depends(quantization, [x])
+        biases = biases[0] if biases else None
+        if mx.issubdtype(scales.dtype, mx.floating):
+            scales = scales.astype(x.dtype)
+        if biases is not None:
+            biases = biases.astype(x.dtype)
+        return mx.gather_qmm(x, self.weight[:, columns], scales, biases, lhs_indices=rows, rhs_indices=experts,
+                             transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
 
     def _copied_experts_matmul(self, x: mx.array, indices: mx.array) -> mx.array:
         biases, k = self.get("biases"), indices.shape[-1]
@@ -234,11 +254,13 @@ class Experts(nn.Module):
         for proj in self.switch_glu.children().values():
             proj.weight = proj.weight.astype(mx.float32)
 
-    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, scales: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, experts: mx.array, weights: mx.array, scales: mx.array,
+                 after: Optional[mx.array] = None) -> mx.array:
         """The experts' output for `x` [..., H]: the sum over the `experts` [..., k]
-        the router chose of each one's output times its routing weight and scale."""
+        the router chose of each one's output times its routing weight and scale.
+        `after`: what a CPU prefill waits for before it starts (see `cpu_prefill`)."""
         if self.quantized and precision.cpu_backend() and experts.size >= _SORT_THRESHOLD:
-            return self.cpu_prefill(x, experts, weights * scales)
+            return self.cpu_prefill(x, experts, weights * scales, after)
         dtype = x.dtype
         if not self.quantized:
             x = x.astype(self.switch_glu.down_proj.weight.dtype)
@@ -246,46 +268,57 @@ class Experts(nn.Module):
         # The sum over the k experts as one [1, k] @ [k, H] product (accumulated in float32).
         return (_ones(experts.shape[-1], y.dtype) @ y).squeeze(-2).astype(dtype)
 
-    def cpu_prefill(self, x: mx.array, experts: mx.array, weights: mx.array) -> mx.array:
-        """The quantized experts of many tokens on the CPU: the (token, expert)
-        rows sorted by expert and cut into one run per CPU stream.
+    def cpu_prefill(self, x: mx.array, experts: mx.array, weights: mx.array,
+                    after: Optional[mx.array] = None) -> mx.array:
+        """The quantized experts of many tokens on the CPU, one block of output
+        columns at a time, the blocks shared out over the CPU streams.
 
-        No [tokens x k, hidden] array exists whole, where the general route has
-        three (the sorted input, the output, its unsorted copy) and the joins of
-        the streams' parts: the gathers read the input rows in place
-        (`lhs_indices`), the routing weight scales each row before the down
-        projection (which is linear), and each stream adds its rows' outputs into a
-        [tokens, hidden] sum at their tokens. The stacks' scales and biases are
-        cast once, before either stream starts (a stream needing a cast queued
-        behind the other's gathers would wait). Measured, 2 streams, 512-token
-        prefill of the 4-layer 26B-A4B benchmark checkpoint: peak 240 MB above
-        the weights against 340-385 MB before, at the same speed (50.5 vs
-        51 s); one layer's dense MLP and experts 200-217 MB against 312-349 MB.
-        Slicing the runs (rather than one `mx.split`) measured 40 MB lower.
-        The routing weight is a separate multiply: fused into a compiled
-        `geglu(gate, up * weight)` it ran as fast alone but made the layer 2 s
-        slower (how MLX then scheduled the streams' work).
+        MLX's CPU gather needs the scales and biases in the activations' dtype
+        (float32 here) and casts whole stacks otherwise: 95 MB per 26B-A4B
+        layer, which made its prefill peak 4 % above mlx-vlm's (bfloat16, no
+        cast). A block of columns casts only its own: the 4-layer 26B-A4B
+        benchmark's 128-token prefill peaks 33-37 MB above the weights against
+        136-138 MB (512 tokens: 119-121 against 238-257 MB), at the same speed.
+        The (token, expert) rows are sorted by expert, so consecutive rows read
+        the same expert's block, and read in place (`lhs_indices`); the routing
+        weight scales each row before the down projection (which is linear);
+        each block of the down projection adds its rows into its columns of a
+        [tokens, hidden] sum. Blocks of rows per stream instead (no wait for the
+        whole intermediate `h`) ran the streams one after the other: MLX
+        dispatches at most about 100 operations ahead of the compute, and one
+        stream's run of blocks is longer than that.
+
+        The blocks start once `after` exists (the layer's dense MLP, whose own
+        blocks share the streams): interleaved with those, a stream waiting for
+        the other's blocks idled behind the dense MLP's work, and one 26B-A4B
+        layer's MLP and experts took 5.1 s against 4.1 s one after the other.
         """
         glu = self.switch_glu
-        fused = "gate_up_proj" in glu
-        gate_up = [glu.gate_up_proj] if fused else [glu.gate_proj, glu.up_proj]
-        casts = [proj.cast_quantization(x.dtype) for proj in gate_up + [glu.down_proj]]
+        if "gate_up_proj" in glu:  # fused at load time: the gate's rows, then the up projection's
+            gate_proj = up_proj = glu.gate_up_proj
+            width = up_offset = gate_proj.weight.shape[-2] // 2
+        else:
+            gate_proj, up_proj, up_offset = glu.gate_proj, glu.up_proj, 0
+            width = gate_proj.weight.shape[-2]
         hidden = x.shape[-1]
         inputs = x.reshape(-1, 1, hidden)
-        order, pair_tokens, pair_experts = _sort_by_expert(experts)
-        runs = [pair_tokens, pair_experts, weights.flatten()[order].astype(x.dtype)[:, None, None]]
+        if after is not None:
+            (inputs,) = mx.depends([inputs], [after])
+        order, tokens, chosen = _sort_by_expert(experts)
+        routing = weights.flatten()[order].astype(x.dtype)[:, None, None]
         lanes = streams.cpu_streams()
-        bounds = [0, *streams.split_points(order.size, len(lanes)), order.size]
-        sums = []
-        for stream, start, stop in zip(lanes, bounds, bounds[1:]):
-            run = [a[start:stop] for a in runs]
-            tokens, chosen, routing = mx.depends(run, [a for cast in casts for a in cast])
-            outputs = [proj.gather_rows(inputs, tokens, chosen, cast, stream) for proj, cast in zip(gate_up, casts)]
+        h = []
+        for stream, start, stop in gate_proj.column_blocks(width, x.dtype, lanes):
             with streams.on(stream):
-                gate, up = mx.split(outputs[0], 2, axis=-1) if fused else outputs
-                h = geglu(gate, up) * routing
-                y = glu.down_proj.gather_rows(h, _row_indices(h.shape[:-2]), chosen, casts[-1], stream)
+                gate = gate_proj.gather_columns(inputs, tokens, chosen, slice(start, stop))
+                up = up_proj.gather_columns(inputs, tokens, chosen, slice(up_offset + start, up_offset + stop))
+                h.append(geglu(gate, up) * routing)
+        h = mx.concatenate(h, axis=-1)
+        rows = _row_indices(h.shape[:-2])
+        sums = []
+        for stream, start, stop in glu.down_proj.column_blocks(hidden, x.dtype, lanes):
+            with streams.on(stream):
+                y = glu.down_proj.gather_columns(h, rows, chosen, slice(start, stop)).squeeze(-2)
                 # Summed in float32 whatever the compute dtype: a token's k outputs add up here.
-                total = mx.zeros((inputs.shape[0], hidden), mx.float32)
-                sums.append(total.at[tokens].add(y.squeeze(-2).astype(mx.float32)))
-        return reduce(mx.add, sums).reshape(x.shape).astype(x.dtype)
+                sums.append(mx.zeros((inputs.shape[0], stop - start), mx.float32).at[tokens].add(y.astype(mx.float32)))
+        return mx.concatenate(sums, axis=-1).reshape(x.shape).astype(x.dtype)

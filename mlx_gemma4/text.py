@@ -48,8 +48,9 @@ class DecoderLayer(nn.Module):
         if "router" in self:
             h, h32 = add_and_widen(h, self.post_attention_layernorm(a))
             dense_input, experts_input, normed = self.feed_forward_inputs(h32)
-            e = self.experts(experts_input, *self.router(normed))
-            f = self.post_feedforward_layernorm_1(self.mlp(dense_input)) + self.post_feedforward_layernorm_2(e)
+            dense = self.mlp(dense_input)
+            e = self.experts(experts_input, *self.router(normed), after=dense)
+            f = self.post_feedforward_layernorm_1(dense) + self.post_feedforward_layernorm_2(e)
         else:
             h = h + self.post_attention_layernorm(a)
             f = self.mlp(self.pre_feedforward_layernorm(h))
