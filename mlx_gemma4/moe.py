@@ -278,7 +278,7 @@ class Experts(nn.Module):
         layer, which made its prefill peak 4 % above mlx-vlm's (bfloat16, no
         cast). A block of columns casts only its own: the 4-layer 26B-A4B
         benchmark's 128-token prefill peaks 33-37 MB above the weights against
-        136-138 MB (512 tokens: 119-121 against 238-257 MB), at the same speed.
+        136-138 MB (512 tokens: 113-121 against 238-257 MB), at the same speed.
         The (token, expert) rows are sorted by expert, so consecutive rows read
         the same expert's block, and read in place (`lhs_indices`); the routing
         weight scales each row before the down projection (which is linear);
