@@ -149,9 +149,10 @@ class QuantizedExpertLinear(nn.Module):
         if precision.cpu_backend() and not sorted_indices:  # GPUs keep the gather kernel
             # MLX's CPU gather_qmm reads ~5x slower than its quantized_matmul
             # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
-            # copy below): for a few tokens, copying out the chosen experts and
-            # batched products, the experts shared out over the CPU streams
-            # (see `streams`), is faster for one token; two or more take `Experts.cpu_prefill`.
+            # copy below): for one token (a decode step), copying out its chosen
+            # experts and batched products, the experts shared out over the CPU
+            # streams (see `streams`), is faster. Two or more tokens take
+            # `Experts.cpu_prefill`, where the copies would grow with the tokens.
             return self._copied_experts_matmul(x, indices)
         return mx.gather_qmm(
             x, self.weight, self.scales, self.get("biases"), lhs_indices=_lhs_indices(x, sorted_indices),
