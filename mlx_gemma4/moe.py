@@ -23,12 +23,14 @@ from .kernels import geglu, weighted_geglu
 # off once there are more (token, expert) pairs than a decode step has.
 _SORT_THRESHOLD = 64
 
-# The scales and biases a block of output columns casts in a CPU prefill (see
-# `Experts.cpu_prefill`). Measured, one 26B-A4B layer's experts (0.5 MB: 64
-# blocks per projection), peak above their input: 14 MB for 128 tokens and
-# 31-36 MB for 512, against 111 and 173-179 MB with whole stacks cast, at the
-# same speed (3.1 and 12.2-12.5 s); 1 MB: 23 and 46-51 MB.
-_CAST_BLOCK_BYTES = 1 << 19
+# What a block of output columns holds on the CPU: in a prefill the casts of
+# its scales and biases (see `Experts.cpu_prefill`), in a decode step also its
+# copied weights (see `QuantizedExpertLinear`). Measured, one 26B-A4B layer's
+# experts (0.5 MB: 64 blocks per projection), prefill peak above their input:
+# 14 MB for 128 tokens and 31-36 MB for 512, against 111 and 173-179 MB with
+# whole stacks cast, at the same speed (3.1 and 12.2-12.5 s); 1 MB: 23 and
+# 46-51 MB.
+_BLOCK_BYTES = 1 << 19
 
 
 class Router(nn.Module):
@@ -147,11 +149,9 @@ class QuantizedExpertLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         if precision.cpu_backend() and not sorted_indices:  # GPUs keep the gather kernel
-            # MLX's CPU gather_qmm reads ~5x slower than its quantized_matmul
-            # (26B-A4B gate/up, 8 of 128 experts: 32 ms against 5 ms with the
-            # copy below): for one token (a decode step), copying out its chosen
-            # experts and batched products, the experts shared out over the CPU
-            # streams (see `streams`), is faster. Two or more tokens take
+            # MLX's CPU gather_qmm casts the whole stacks of scales and biases to
+            # the activations' dtype in every call (ops.cpp): one token's experts
+            # (a decode step) are copied out instead. Two or more tokens take
             # `Experts.cpu_prefill`, where the copies would grow with the tokens.
             return self._copied_experts_matmul(x, indices)
         return mx.gather_qmm(
@@ -160,14 +160,20 @@ class QuantizedExpertLinear(nn.Module):
             group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
         )
 
-    def column_blocks(self, width: int, dtype: mx.Dtype, lanes: Tuple[Optional[mx.Stream], ...]
-                      ) -> List[Tuple[Optional[mx.Stream], int, int]]:
-        """The first `width` output columns cut into blocks whose scales and
-        biases take about `_CAST_BLOCK_BYTES` in `dtype`, dealt out to the CPU
-        streams `lanes` in turn: (stream, start, stop) each."""
-        cast = [a for a in (self.scales, self.get("biases")) if a is not None and mx.issubdtype(a.dtype, mx.floating)]
-        per_column = sum(a.shape[0] * a.shape[-1] for a in cast) * dtype.size
-        blocks = math.ceil(width / max(1, _CAST_BLOCK_BYTES // per_column)) if per_column else 1
+    def column_blocks(self, width: int, dtype: mx.Dtype, lanes: Tuple[Optional[mx.Stream], ...],
+                      copied: Optional[int] = None) -> List[Tuple[Optional[mx.Stream], int, int]]:
+        """The first `width` output columns cut into blocks of about `_BLOCK_BYTES`,
+        dealt out to the CPU streams `lanes` in turn: (stream, start, stop) each.
+        A block holds its columns' scales and biases cast to `dtype`: every
+        expert's, or `copied` experts' along with their copied weights."""
+        floats = [a for a in (self.scales, self.get("biases")) if a is not None and mx.issubdtype(a.dtype, mx.floating)]
+        per_column = sum(a.shape[-1] for a in floats) * dtype.size
+        if copied is None:
+            per_column *= self.weight.shape[0]
+        else:
+            stored = [a for a in (self.weight, self.scales, self.get("biases")) if a is not None]
+            per_column = copied * (per_column + sum(a.shape[-1] * a.itemsize for a in stored))
+        blocks = math.ceil(width / max(1, _BLOCK_BYTES // per_column)) if per_column else 1
         bounds = [0, *streams.split_points(width, blocks), width]
         return [(lanes[i % len(lanes)], start, stop) for i, (start, stop) in enumerate(zip(bounds, bounds[1:]))]
 
@@ -189,19 +195,22 @@ class QuantizedExpertLinear(nn.Module):
                              transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
 
     def _copied_experts_matmul(self, x: mx.array, indices: mx.array) -> mx.array:
-        biases, k = self.get("biases"), indices.shape[-1]
-        lanes = streams.cpu_streams()[:k]
-        bounds = streams.split_points(k, len(lanes))
-        # After the up projection x has one row per chosen expert, before it one per token.
-        xs = mx.split(x, bounds, axis=-3) if x.shape[-3] == k else [x] * len(lanes)
+        """The chosen experts' weights copied out a block of output columns at a
+        time, each block's product on the next CPU stream. MLX allocates each
+        output as it dispatches, up to about 100 operations ahead of the compute,
+        so the small blocks bound what the copies hold: one 26B-A4B layer's 8
+        experts peak at 12 MB against 32 MB copied whole, and take 19 against
+        22-70 ms (two streams copying and multiplying at once)."""
+        quantized = (self.weight, self.scales, self.get("biases"))
         parts = []
-        for part_x, chosen, stream in zip(xs, mx.split(indices, bounds, axis=-1), lanes):
-            weight, scales, biases_ = (None if a is None else mx.take(a, chosen, axis=0, stream=stream)
-                                       for a in (self.weight, self.scales, biases))
-            parts.append(mx.quantized_matmul(part_x, weight, scales, biases_, transpose=True,
-                                             group_size=self.group_size, bits=self.bits, mode=self.mode,
-                                             stream=stream))
-        return streams.join(parts, axis=-3)
+        for stream, start, stop in self.column_blocks(self.weight.shape[-2], x.dtype, streams.cpu_streams(),
+                                                      copied=indices.size):
+            with streams.on(stream):
+                weight, scales, biases = (None if a is None else mx.take(a[:, start:stop], indices, axis=0)
+                                          for a in quantized)
+                parts.append(mx.quantized_matmul(x, weight, scales, biases, transpose=True,
+                                                 group_size=self.group_size, bits=self.bits, mode=self.mode))
+        return streams.join(parts, axis=-1)
 
 
 class ExpertGLU(nn.Module):
@@ -261,9 +270,10 @@ class Experts(nn.Module):
         the router chose of each one's output times its routing weight and scale.
         `after`: what a CPU prefill waits for before it starts (see `cpu_prefill`)."""
         # On the CPU one token (a decode step) copies its k experts out (see
-        # `QuantizedExpertLinear`); from two tokens on the column blocks are
-        # faster and hold no copies (one 26B-A4B layer: 2 / 3 / 6 tokens 68 /
-        # 95 / 166 ms against 73 / 110 / 225 ms, 9-10 MB against 63 / 95 / 189 MB).
+        # `QuantizedExpertLinear`); from two tokens on the copies grow with the
+        # tokens and the column blocks hold none (one 26B-A4B layer, 2 / 3 / 6
+        # tokens: 50 / 59 / 107 ms and 10 MB, against 44 / 58 / 121 ms and 14 /
+        # 16 / 21 MB copying; one token: 51 ms against 19 ms, both 11-12 MB).
         if self.quantized and precision.cpu_backend() and experts.size > experts.shape[-1]:
             return self.cpu_prefill(x, experts, weights * scales, after)
         dtype = x.dtype
