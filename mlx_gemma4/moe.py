@@ -199,8 +199,8 @@ class QuantizedExpertLinear(nn.Module):
         time, each block's product on the next CPU stream. MLX allocates each
         output as it dispatches, up to about 100 operations ahead of the compute,
         so the small blocks bound what the copies hold: one 26B-A4B layer's 8
-        experts peak at 12 MB against 32 MB copied whole, and take 19 against
-        22-70 ms (two streams copying and multiplying at once)."""
+        experts peak at 12 MB and take 19 ms, against 32 MB and 22-70 ms copied
+        whole (the two streams' whole copies contended)."""
         quantized = (self.weight, self.scales, self.get("biases"))
         parts = []
         for stream, start, stop in self.column_blocks(self.weight.shape[-2], x.dtype, streams.cpu_streams(),

@@ -679,10 +679,8 @@ def test_cpu_decode_over_a_long_cache_splits_attention_heads_over_the_streams(kv
     assert "Concatenate" not in graph_labels(attention.attend(q, k, v, None))
 
 
-def test_cpu_prefill_experts_peak_well_below_one_cast_of_their_scales(monkeypatch):
-    """MLX's CPU gather casts the scales and biases it is given to the activations' dtype: whole stacks, 95 MB
-    per 26B-A4B layer, made its prefill peak above mlx-vlm's. Cast a block of columns at a time, many tokens'
-    experts peak far below one whole cast (it was 1.4x one cast here)."""
+def _random_4bit_experts() -> "moe_module.Experts":
+    """A 64-expert layer (hidden 1024, intermediate 512), 4-bit, gate and up fused as the loader fuses them."""
     import mlx.nn as nn
     from types import SimpleNamespace
     from mlx_gemma4.fusion import concat_outputs
@@ -694,45 +692,52 @@ def test_cpu_prefill_experts_peak_well_below_one_cast_of_their_scales(monkeypatc
     nn.quantize(experts, group_size=64, bits=4)
     glu.gate_up_proj = concat_outputs([glu.gate_proj, glu.up_proj])
     delattr(glu, "gate_proj"), delattr(glu, "up_proj")
-    x = mx.random.normal((1, 64, 1024), key=mx.random.key(1))
-    chosen = mx.argpartition(mx.random.normal((1, 64, 64), key=mx.random.key(2)), kth=-8, axis=-1)[..., -8:]
-    weights = mx.softmax(mx.random.normal(chosen.shape, key=mx.random.key(3)), axis=-1)
-    mx.eval(experts.parameters(), x, chosen, weights)
-    whole_cast = sum(proj[name].nbytes * 2 for proj in glu.children().values() for name in ("scales", "biases"))
-    monkeypatch.setattr(moe_module, "_BLOCK_BYTES", 1 << 16)  # 64 blocks a projection, as 26B-A4B has
+    mx.eval(experts.parameters())
+    return experts
+
+
+def _peak_above_held(compute):
+    """`compute()` evaluated, and the peak memory it took above what was held before it."""
     mx.synchronize()
     held = mx.get_active_memory()
     mx.reset_peak_memory()
-    mx.eval(experts(x, chosen, weights, mx.ones_like(weights)))
+    out = compute()
+    mx.eval(out)
     streams_module.synchronize()
-    assert mx.get_peak_memory() - held < whole_cast / 2
+    return out, mx.get_peak_memory() - held
+
+
+def test_cpu_prefill_experts_peak_well_below_one_cast_of_their_scales(monkeypatch):
+    """MLX's CPU gather casts the scales and biases it is given to the activations' dtype: whole stacks, 95 MB
+    per 26B-A4B layer, made its prefill peak above mlx-vlm's. Cast a block of columns at a time, many tokens'
+    experts peak far below one whole cast (it was 1.4x one cast here)."""
+    experts = _random_4bit_experts()
+    glu = experts.switch_glu
+    x = mx.random.normal((1, 64, 1024), key=mx.random.key(1))
+    chosen = mx.argpartition(mx.random.normal((1, 64, 64), key=mx.random.key(2)), kth=-8, axis=-1)[..., -8:]
+    weights = mx.softmax(mx.random.normal(chosen.shape, key=mx.random.key(3)), axis=-1)
+    mx.eval(x, chosen, weights)
+    whole_cast = sum(proj[name].nbytes * 2 for proj in glu.children().values() for name in ("scales", "biases"))
+    monkeypatch.setattr(moe_module, "_BLOCK_BYTES", 1 << 16)  # 64 blocks a projection, as 26B-A4B has
+    _, peak = _peak_above_held(lambda: experts(x, chosen, weights, mx.ones_like(weights)))
+    assert peak < whole_cast / 2
 
 
 def test_cpu_decode_experts_peak_well_below_one_copy_of_them(monkeypatch):
     """A decode step copies its chosen experts out on the CPU (MLX's CPU gather casts whole stacks of scales): a
-    block of columns at a time, the copies in flight stay far below one whole copy of them (0.26x here; copied whole, 1.25x)."""
-    import mlx.nn as nn
-    from types import SimpleNamespace
-
-    experts = moe_module.Experts(SimpleNamespace(hidden_size=1024, moe_intermediate_size=512, num_experts=64))
+    block of columns at a time, the copies in flight stay far below one whole copy of them (0.26x here; copied
+    whole, 1.25x)."""
+    experts = _random_4bit_experts()
     glu = experts.switch_glu
-    for proj in glu.children().values():
-        proj.weight = mx.random.normal(proj.weight.shape, key=mx.random.key(0)).astype(mx.bfloat16)
-    nn.quantize(experts, group_size=64, bits=4)
     x = mx.random.normal((1, 1, 1024), key=mx.random.key(1))
     chosen = mx.array([[[3, 9, 17, 20, 33, 41, 50, 63]]], dtype=mx.uint32)
     weights = mx.full(chosen.shape, 1 / 8)
-    mx.eval(experts.parameters(), x, chosen, weights)
+    mx.eval(x, chosen, weights)
     one_copy = sum(proj[name].nbytes * 8 // 64 for proj in glu.children().values()
                    for name in ("weight", "scales", "biases"))
     monkeypatch.setattr(moe_module, "_BLOCK_BYTES", 1 << 16)
-    mx.synchronize()
-    held = mx.get_active_memory()
-    mx.reset_peak_memory()
-    out = experts(x, chosen, weights, mx.ones_like(weights))
-    mx.eval(out)
-    streams_module.synchronize()
-    assert mx.get_peak_memory() - held < one_copy / 2
+    out, peak = _peak_above_held(lambda: experts(x, chosen, weights, mx.ones_like(weights)))
+    assert peak < one_copy / 2
     with monkeypatch.context() as patch:
         patch.setattr(precision, "cpu_backend", lambda: False)  # the gather kernel
         np.testing.assert_allclose(np.array(experts(x, chosen, weights, mx.ones_like(weights))), np.array(out),
