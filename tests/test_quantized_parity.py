@@ -81,3 +81,18 @@ def test_4bit_greedy_decode_matches_transformers_on_the_dequantized_weights(quan
         ref = hf.generate(torch.from_numpy(ids).long(), max_new_tokens=steps, min_new_tokens=steps,
                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
     assert greedy_mlx(model, ids, steps) == ref
+
+
+def test_4bit_decode_step_logits_match_transformers_on_the_dequantized_weights(quantized_pair):
+    """Each one-token step through the cache (on the CPU: the packed decode products and, on MoE models, the
+    experts copied out a block of columns at a time) against transformers' logits at the same positions."""
+    model, hf = quantized_pair
+    steps = 6
+    ids = prompt_ids(hf.config.text_config.vocab_size, PROMPT_LEN + steps)
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long()).logits[:, PROMPT_LEN:].numpy()
+    cache = model.make_cache()
+    mx.eval(model(mx.array(ids[:, :PROMPT_LEN]), cache))
+    got = np.concatenate([mlx_logits(model, ids[:, i:i + 1], cache) for i in range(PROMPT_LEN, PROMPT_LEN + steps)],
+                         axis=1)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
